@@ -1,0 +1,124 @@
+"""`Config` (one per problem) and `EngineConfig`: the original Betty's field names and defaults.
+
+Both are dataclasses that check their fields when built, so a typo such as
+``Config(type="cgg")`` fails at once with a message that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from betty.errors import ConfigError
+
+HYPERGRADIENT_TYPES = ("darts", "neumann", "cg", "sama")
+PRECISIONS = ("fp32", "fp16", "bf16")
+LOGGER_TYPES = ("none", "tensorboard", "wandb", "console")
+STRATEGIES = ("default", "cpu", "gpu", "distributed", "zero", "fsdp")
+EARLY_STOPPING_MODES = ("min", "max")
+
+
+def _choice(owner: str, field: str, value: object, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{owner}.{field}={value!r} is not {what}; choose one of: {', '.join(choices)}"
+        )
+
+
+def _positive(owner: str, field: str, value: object, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{owner}.{field}={value!r} must be a number {bound}")
+
+
+def _integer(owner: str, field: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{field}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass
+class Config:
+    """Settings of one problem (one level of the program).
+
+    ``type`` is the method used to differentiate through THIS problem's solution when an
+    upper problem asks for a hypergradient; ``first_order`` is read on the UPPER problem.
+    """
+
+    type: str = "darts"
+    unroll_steps: int = 1
+    first_order: bool = True
+    retain_graph: bool = False
+    allow_unused: bool = True
+    gradient_accumulation: int = 1
+    gradient_clipping: float = 0.0
+    precision: str = "fp32"
+    initial_dynamic_scale: float = 4096.0
+    scale_factor: float = 2.0
+    warmup_steps: int = 0
+    log_step: int = -1
+    log_local_step: bool = False
+    darts_alpha: float = 0.01
+    darts_multitask: bool = False
+    sama_adam_alpha: float = 1.0
+    sama_multitask: bool = False
+    neumann_iterations: int = 1
+    neumann_alpha: float = 1.0
+    cg_iterations: int = 1
+    cg_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field that holds an unusable value."""
+        _choice("Config", "type", self.type, HYPERGRADIENT_TYPES, "a hypergradient method")
+        _choice("Config", "precision", self.precision, PRECISIONS, "a supported precision")
+        _integer("Config", "unroll_steps", self.unroll_steps, minimum=1)
+        _integer("Config", "gradient_accumulation", self.gradient_accumulation, minimum=1)
+        _integer("Config", "warmup_steps", self.warmup_steps, minimum=0)
+        _integer("Config", "neumann_iterations", self.neumann_iterations, minimum=0)
+        _integer("Config", "cg_iterations", self.cg_iterations, minimum=1)
+        if not isinstance(self.log_step, int) or self.log_step == 0 or self.log_step < -1:
+            raise ConfigError(
+                f"Config.log_step={self.log_step!r} must be a positive integer, or -1 for never"
+            )
+        _positive("Config", "gradient_clipping", self.gradient_clipping, allow_zero=True)
+        for name in ("darts_alpha", "sama_adam_alpha", "neumann_alpha", "cg_alpha",
+                     "initial_dynamic_scale", "scale_factor"):
+            _positive("Config", name, getattr(self, name))
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the whole program: how long to train, validation, logging, strategy."""
+
+    train_iters: int = 50000
+    valid_step: int = 500
+    logger_type: str = "none"
+    roll_back: bool = False
+    backend: str = "nccl"
+    strategy: str = "default"
+    early_stopping: bool = False
+    early_stopping_mode: str = "min"
+    early_stopping_tolerance: int = 5
+    early_stopping_metric: str = "loss"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field that holds an unusable value."""
+        _integer("EngineConfig", "train_iters", self.train_iters, minimum=0)
+        _integer("EngineConfig", "valid_step", self.valid_step, minimum=1)
+        _choice("EngineConfig", "logger_type", self.logger_type, LOGGER_TYPES, "a logger")
+        _choice("EngineConfig", "strategy", self.strategy, STRATEGIES, "a strategy")
+        _choice("EngineConfig", "early_stopping_mode", self.early_stopping_mode,
+                EARLY_STOPPING_MODES, "an early-stopping mode")
+        _integer("EngineConfig", "early_stopping_tolerance", self.early_stopping_tolerance,
+                 minimum=1)
+
+
+def field_names(config_type: type) -> list[str]:
+    """Names of a config dataclass's fields, in declaration order."""
+    return [f.name for f in fields(config_type)]

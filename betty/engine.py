@@ -1,0 +1,228 @@
+"""`Engine`: checks a multilevel program, derives its schedule, and runs it.
+
+One global step steps every leaf problem once. A problem that ends an unroll window triggers
+its uppers; an upper steps once all of its lowers have triggered it. The cascade runs on an
+explicit stack in depth-first order (the original's recursion, without Python recursion
+limits), so chains of any depth and diamond-shaped graphs work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from betty.configs import EngineConfig
+from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
+from betty.graph import build_graph
+from betty.logging import format_metrics, make_logger
+from betty.problems.problem import Problem
+
+log = logging.getLogger("betty")
+
+
+class Engine:
+    """Runs a multilevel program.
+
+    Args:
+        problems: every `Problem` of the program.
+        config: `EngineConfig` (default: ``EngineConfig()``).
+        dependencies: ``{"u2l": {upper: [lowers]}, "l2u": {lower: [uppers]}}``.
+        env: an optional environment object, kept as ``engine.env``.
+
+    Example:
+        >>> engine = Engine(problems=[outer, inner], config=EngineConfig(train_iters=100),
+        ...                 dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+        >>> engine.run()
+    """
+
+    def __init__(self, problems: list[Problem], config: EngineConfig | None = None,
+                 dependencies: dict[str, dict[Problem, list[Problem]]] | None = None,
+                 env: Any = None) -> None:
+        self.config = config if config is not None else EngineConfig()
+        self.problems = list(problems)
+        self.dependencies = dependencies or {"u2l": {}, "l2u": {}}
+        self.env = env
+        self.global_step = 0
+        self.leaves: list[Problem] = []
+        self.device = torch.device("cpu")
+        self._buffers: list[torch.Tensor] = []
+        self._best: float | None = None
+        self._bad_validations = 0
+        self.stopped_early = False
+        self.logger = make_logger(self.config.logger_type)
+        self.initialize()
+
+    # -- set-up --------------------------------------------------------------------------
+    def initialize(self) -> None:
+        """Check everything, wire the problems, and set each one up (before training)."""
+        self.config.validate()
+        for problem in self.problems:
+            if not isinstance(problem, Problem):
+                raise DependencyError(
+                    f"`problems` holds {problem!r}, which is not a betty Problem; subclass "
+                    "ImplicitProblem or IterativeProblem"
+                )
+            problem.check_definition()
+        graph = build_graph(self.problems, self.dependencies)
+        self.device = self._pick_device()
+        for problem in self.problems:
+            problem.clear_dependencies()
+            for parent in graph.parents[problem]:
+                problem.add_parent(parent)
+            for child in graph.children[problem]:
+                problem.add_child(child)
+            problem.add_paths(graph.paths[problem])
+            problem.leaf = not graph.children[problem]
+        self.leaves = graph.leaves
+        self._set_names()
+        self._check_orders()
+        for problem in self.problems:
+            problem.initialize(self, self.device)
+        self._buffers = [b for p in self.problems if p.module is not None
+                         for b in p.module.buffers()]
+        for problem in graph.order:
+            log.debug("problem %s: uppers %s, lowers %s, paths %s", problem.name,
+                      [p.name for p in problem.parents], [p.name for p in problem.children],
+                      [[n.name for n in path] for path in problem.paths])
+
+    def _pick_device(self) -> torch.device:
+        strategy = self.config.strategy
+        if strategy in ("distributed", "zero", "fsdp"):
+            raise ConfigError(
+                f"EngineConfig.strategy={strategy!r} is not available in this version; use "
+                "'default', 'cpu' or 'gpu'"
+            )
+        if strategy == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("EngineConfig.strategy='gpu' but CUDA is not available; use "
+                              "'cpu' or 'default'")
+        if strategy == "cpu" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def _set_names(self) -> None:
+        """``engine.<name>`` and ``problem.<other_name>`` for every pair of problems."""
+        for problem in self.problems:
+            if hasattr(self, problem.name) and getattr(self, problem.name) is not problem:
+                raise DependencyError(
+                    f"problem name '{problem.name}' clashes with Engine.{problem.name}; "
+                    "rename the problem"
+                )
+            setattr(self, problem.name, problem)
+            for other in self.problems:
+                if other is problem:
+                    continue
+                current = getattr(problem, other.name, None)
+                if hasattr(problem, other.name) and current is not other:
+                    raise DependencyError(
+                        f"problem name '{other.name}' clashes with the attribute "
+                        f"'{other.name}' of problem '{problem.name}' "
+                        f"({type(problem).__name__}); rename the problem"
+                    )
+                setattr(problem, other.name, other)
+
+    def _check_orders(self) -> None:
+        """Every path hop must be differentiable the way its upper asks for."""
+        for upper in self.problems:
+            if upper.config.first_order:
+                continue
+            for path in upper.paths:
+                for lower in path[1:-1]:
+                    if not getattr(lower, "supports_reverse_mode", False):
+                        raise ConfigError(
+                            f"problem '{upper.name}' has Config(first_order=False) (reverse "
+                            f"mode), but lower problem '{lower.name}' on its path is a "
+                            f"{type(lower).__name__}, whose updates are not differentiable; "
+                            "make it an IterativeProblem or set first_order=True on "
+                            f"'{upper.name}' to use '{lower.name}''s Config.type "
+                            f"({lower.config.type!r})"
+                        )
+
+    def all_buffers(self) -> list[torch.Tensor]:
+        return self._buffers
+
+    # -- training ------------------------------------------------------------------------
+    def train_step(self) -> None:
+        """One global step: each leaf steps once; finished windows trigger their uppers."""
+        for leaf in self.leaves:
+            self._cascade(leaf)
+
+    def _cascade(self, leaf: Problem) -> None:
+        stack: list[tuple[Problem, Problem | None]] = [(leaf, None)]
+        while stack:
+            problem, trigger = stack.pop()
+            if trigger is not None:
+                problem.ready[problem.children.index(trigger)] = True
+                if not all(problem.ready):
+                    continue
+            ends_window = problem.step(global_step=self.global_step)
+            problem.ready = [False] * len(problem.children)
+            if ends_window:
+                for parent in reversed(problem.parents):
+                    stack.append((parent, problem))
+
+    def run(self) -> None:
+        """Train for ``train_iters`` global steps (from the current global step)."""
+        self.train()
+        try:
+            for step in range(self.global_step + 1, self.config.train_iters + 1):
+                self.global_step = step
+                self.train_step()
+                if step % self.config.valid_step == 0 and self._has_validation():
+                    if self._validate():
+                        self.stopped_early = True
+                        log.info("early stopping at global step %d", step)
+                        break
+        finally:
+            self.logger.close()
+
+    def _has_validation(self) -> bool:
+        return type(self).validation is not Engine.validation
+
+    def validation(self) -> dict[str, Any] | None:
+        """Override to evaluate the program; return a dict of metrics (logged, and read by
+        early stopping). Runs every ``valid_step`` global steps with problems in eval mode."""
+        return None
+
+    def _validate(self) -> bool:
+        self.eval()
+        stats = self.validation() or {}
+        self.train()
+        self.logger.log(stats, tag="validation", step=self.global_step)
+        return self._should_stop(stats)
+
+    def _should_stop(self, stats: dict[str, Any]) -> bool:
+        if not self.config.early_stopping:
+            return False
+        key = self.config.early_stopping_metric
+        if key not in stats:
+            raise ProblemDefinitionError(
+                f"EngineConfig.early_stopping_metric={key!r} is not a key of the dict returned "
+                f"by validation() (keys: {sorted(stats)})"
+            )
+        value = float(stats[key])
+        better = (self._best is None or (value < self._best if self.config.early_stopping_mode
+                                         == "min" else value > self._best))
+        if better:
+            self._best, self._bad_validations = value, 0
+            return False
+        self._bad_validations += 1
+        return self._bad_validations >= self.config.early_stopping_tolerance
+
+    def log_metrics(self, name: str, metrics: dict[str, Any], step: int | None) -> None:
+        self.logger.log(metrics, tag=name, step=step)
+
+    def train(self) -> None:
+        for problem in self.problems:
+            problem.train()
+
+    def eval(self) -> None:
+        for problem in self.problems:
+            problem.eval()
+
+    def __repr__(self) -> str:
+        return f"Engine(problems={[p.name for p in self.problems]})"
+
+
+__all__ = ["Engine", "format_metrics"]

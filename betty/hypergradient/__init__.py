@@ -1,0 +1,30 @@
+"""Hypergradient methods, one small module each, registered by the name `Config.type` uses.
+
+A method is a pure function ``method(hop, v, config) -> vector`` that maps the vector ``v``
+(w.r.t. a lower problem's parameters) to its contribution w.r.t. the next upper's parameters,
+using only the closures of `Hop`. A new method is one function added to `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from betty.configs import Config
+from betty.hypergradient.cg import cg
+from betty.hypergradient.darts import darts
+from betty.hypergradient.hop import Hop, OptionalVector
+from betty.hypergradient.neumann import neumann
+
+Method = Callable[[Hop, Sequence[Tensor], Config], OptionalVector]
+
+METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg}
+
+
+def register(name: str, method: Method) -> None:
+    """Make ``Config(type=name)`` use ``method``."""
+    METHODS[name] = method
+
+
+__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "register"]

@@ -1,0 +1,26 @@
+"""Conjugate gradient: solve H x = v with K CG iterations, then hop(v) = -M x.
+
+Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019,
+Section 3.2. CG runs on (cg_alpha * H) x = cg_alpha * v, whose solution is H^-1 v for any
+cg_alpha > 0; a vanished residual stops progress without NaN. K = cg_iterations Hessian-vector
+products + one mixed product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from betty.configs import Config
+from betty.hypergradient.hop import Hop, OptionalVector
+from betty.linalg import solve_cg
+
+
+def cg(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
+    """CG hop: ``-M * solve_cg(cg_alpha * H, cg_alpha * v)``."""
+    alpha = config.cg_alpha
+    x = solve_cg(lambda p: torch._foreach_mul(hop.hvp(p), alpha),
+                 torch._foreach_mul(list(v), alpha), iterations=config.cg_iterations)
+    return [None if m is None else torch.neg(m) for m in hop.mixed(x)]

@@ -1,0 +1,124 @@
+"""One hop of a hypergradient path, seen by a method as closures over the lower problem.
+
+For a lower problem with parameters ``w`` and loss ``L(w, lam)`` (``lam``: the parameters of
+the next problem up the path), a `Hop` offers
+
+* ``hvp(x)   = H x``            with ``H = d2L/dw2``           (double backward),
+* ``mixed(x) = d/dlam <dL/dw, x>``                             (one backward through dL/dw),
+* ``upper_grads_at(d, scales)`` = ``dL/dlam`` at ``w + s d`` for each ``s`` (finite differences).
+
+Every loss evaluation here runs with the same random-number state (dropout draws the same
+mask for each probe), leaves the user's random stream, module buffers (BatchNorm running
+statistics) and lower parameters exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+OptionalVector = list[Tensor | None]
+
+
+@contextmanager
+def frozen_state(buffers: Sequence[Tensor], devices: Sequence[int]) -> Any:
+    """Snapshot RNG and ``buffers``; yield a function that rewinds the RNG; restore both."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    saved = [b.clone() for b in buffers]
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        for d, s in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(s, d)
+
+    try:
+        yield rewind
+    finally:
+        rewind()
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+class Hop:
+    """Closures over one lower problem for one hop of a path (see module docstring)."""
+
+    def __init__(self, lower_params: Sequence[Tensor], upper_params: Sequence[Tensor],
+                 loss_fn: Callable[[], Tensor], buffers: Sequence[Tensor] = (),
+                 devices: Sequence[int] = ()) -> None:
+        self.w = list(lower_params)
+        self.lam = list(upper_params)
+        self._loss_fn = loss_fn
+        self._buffers = list(buffers)
+        self._devices = list(devices)
+        self._grad_w: tuple[Tensor, ...] | None = None
+        self._state: Any = None
+        self._rewind: Callable[[], None] | None = None
+
+    # -- second-order closures ---------------------------------------------------------
+    def __enter__(self) -> Hop:
+        self._state = frozen_state(self._buffers, self._devices)
+        self._rewind = self._state.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._grad_w = None
+        self._state.__exit__(*exc)
+
+    def _loss(self) -> Tensor:
+        assert self._rewind is not None, "use a Hop inside `with hop:`"
+        self._rewind()
+        return self._loss_fn()
+
+    def _gradient_graph(self) -> tuple[Tensor, ...]:
+        if self._grad_w is None:
+            loss = self._loss()
+            self._grad_w = torch.autograd.grad(loss, self.w, create_graph=True,
+                                               allow_unused=True, materialize_grads=True)
+        return self._grad_w
+
+    def hvp(self, x: Sequence[Tensor]) -> list[Tensor]:
+        """``H x`` by double backward through the retained graph of ``dL/dw``."""
+        g = self._gradient_graph()
+        out = torch.autograd.grad(g, self.w, grad_outputs=list(x), retain_graph=True,
+                                  allow_unused=True, materialize_grads=True)
+        return [t.detach() for t in out]
+
+    def mixed(self, x: Sequence[Tensor]) -> OptionalVector:
+        """``d/dlam <dL/dw, x>``; ``None`` for upper parameters the loss does not reach."""
+        g = self._gradient_graph()
+        if not any(t.requires_grad for t in g):
+            return [None] * len(self.lam)
+        out = torch.autograd.grad(g, self.lam, grad_outputs=list(x), retain_graph=True,
+                                  allow_unused=True)
+        return [None if t is None else t.detach() for t in out]
+
+    # -- first-order closures ----------------------------------------------------------
+    def upper_grads_at(self, direction: Sequence[Tensor], scales: Sequence[Tensor],
+                       restore: bool = True) -> list[OptionalVector]:
+        """``dL/dlam`` at ``w + s * direction`` for each ``s``; parameters restored bit for
+        bit afterwards unless ``restore`` is False (then they stay at the last probe)."""
+        with torch.no_grad():
+            origin = [p.detach().clone() for p in self.w]
+        results: list[OptionalVector] = []
+        try:
+            for s in scales:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.w, torch._foreach_add(
+                        origin, torch._foreach_mul(list(direction), s)))
+                loss = self._loss()
+                if not loss.requires_grad:
+                    results.append([None] * len(self.lam))
+                    continue
+                grads = torch.autograd.grad(loss, self.lam, allow_unused=True)
+                results.append([None if g is None else g.detach() for g in grads])
+        finally:
+            if restore:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.w, origin)
+        return results

@@ -1,0 +1,78 @@
+"""Pure linear algebra on vectors stored as lists of tensors (one tensor per parameter).
+
+Nothing here knows about problems or configs. Loops run a fixed number of iterations and
+never read a tensor value on the host, so they add no CPU-GPU synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Vector = list[Tensor]
+MatVec = Callable[[Vector], Vector]
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Inner product of two tensor lists, as a 0-d tensor."""
+    if len(a) == 1:
+        return torch.sum(a[0] * b[0])
+    return torch.stack([torch.sum(x * y) for x, y in zip(a, b)]).sum()
+
+
+def norm(a: Sequence[Tensor]) -> Tensor:
+    """Euclidean norm of a tensor list (all entries as one vector), as a 0-d tensor."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(a))))
+
+
+def axpy(alpha: Tensor | float, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vector:
+    """``y + alpha * x`` as a new list."""
+    if isinstance(alpha, Tensor):
+        return torch._foreach_add(list(y), torch._foreach_mul(list(x), alpha))
+    return torch._foreach_add(list(y), list(x), alpha=alpha)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, and 0 where ``den`` is 0 (an exactly converged solve stays finite)."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None
+             ) -> Vector:
+    """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite.
+
+    Runs exactly ``iterations`` steps. Once the residual vanishes the step sizes become 0, so
+    more iterations than dimensions return the solution instead of NaN.
+    """
+    b = list(b)
+    x = [torch.zeros_like(t) for t in b] if x0 is None else list(x0)
+    r = b if x0 is None else axpy(-1.0, matvec(x), b)
+    p = list(r)
+    rr = dot(r, r)
+    for _ in range(iterations):
+        ap = matvec(p)
+        step = _safe_div(rr, dot(p, ap))
+        x = axpy(step, p, x)
+        r = axpy(-step, ap, r)
+        rr_new = dot(r, r)
+        beta = _safe_div(rr_new, rr)
+        p = axpy(beta, p, r)
+        rr = rr_new
+    return x
+
+
+def neumann_series(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, alpha: float
+                   ) -> Vector:
+    """``alpha * sum_{k=0..K} (I - alpha A)^k b``, which tends to ``A^{-1} b``.
+
+    The series converges iff ``0 < alpha < 2 / lambda_max(A)`` for ``A`` positive definite.
+    """
+    term = list(b)
+    total = list(b)
+    for _ in range(iterations):
+        term = axpy(-alpha, matvec(term), term)
+        total = torch._foreach_add(total, term)
+    return torch._foreach_mul(total, alpha)

@@ -1,0 +1,406 @@
+"""`Problem`: one level of a multilevel program and its local step.
+
+One local step, in order: window-start hook -> batch -> loss (under autocast) -> gradients
+(direct + hypergradients along every path, one backward for the direct part) ->
+``grad_callback`` -> on the last micro-batch: unscale -> clip -> optimizer step -> scaler
+update -> ``param_callback`` -> clear gradients -> scheduler step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from betty.configs import Config
+from betty.errors import HypergradientError, ProblemDefinitionError, TrainingError
+from betty.hypergradient.chain import path_hypergradient
+from betty.problems.data import BatchSource, move_to
+from betty.problems.hooks import ProblemHooks
+from betty.problems.precision import Precision
+
+if TYPE_CHECKING:
+    from betty.engine import Engine
+
+log = logging.getLogger("betty")
+
+
+def _overrides(obj: object, name: str, base: type) -> bool:
+    return getattr(type(obj), name) is not getattr(base, name)
+
+
+class Problem(ProblemHooks):
+    """One level of a multilevel program: module, optimizer, data and ``training_step``.
+
+    Example:
+        >>> class Inner(ImplicitProblem):
+        ...     def training_step(self, batch):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.module(x), y) + self.hpo() * l2(self.module)
+    """
+
+    def __init__(self, name: str, config: Config | None = None,
+                 module: torch.nn.Module | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                 train_data_loader: Any = None, extra_config: Any = None) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ProblemDefinitionError(
+                f"Problem name {name!r} must be a Python identifier (problems reach each "
+                "other as attributes, e.g. self.inner)"
+            )
+        self._name = name
+        self._config = config if config is not None else Config()
+        self.cfg = extra_config
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_data_loader = train_data_loader
+        self.cur_batch: Any = None
+        self._count = 0
+        self._parents: list[Problem] = []
+        self._children: list[Problem] = []
+        self._paths: list[list[Problem]] = []
+        self._leaf = False
+        self._training = True
+        self._engine: Engine | None = None
+        self._source: BatchSource | None = None
+        self._device = torch.device("cpu")
+        self._precision: Precision | None = None
+        self._window_start = True
+        self._hypergradient_seen = False
+        self._last_loss: Tensor | None = None
+        self.ready: list[bool] = []
+
+    # -- read-only members users touch ---------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def children(self) -> list[Problem]:
+        return self._children
+
+    @property
+    def parents(self) -> list[Problem]:
+        return self._parents
+
+    @property
+    def paths(self) -> list[list[Problem]]:
+        return self._paths
+
+    @property
+    def leaf(self) -> bool:
+        return self._leaf
+
+    @leaf.setter
+    def leaf(self, value: bool) -> None:
+        self._leaf = bool(value)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # -- wiring (the engine calls these; the original's unit tests call them too) ---------
+    def add_child(self, problem: Problem) -> None:
+        if problem not in self._children:
+            self._children.append(problem)
+
+    def add_parent(self, problem: Problem) -> None:
+        if problem not in self._parents:
+            self._parents.append(problem)
+
+    def add_paths(self, paths: list[list[Problem]]) -> None:
+        self._paths.extend(p for p in paths if p not in self._paths)
+
+    def clear_dependencies(self) -> None:
+        self._children, self._parents, self._paths = [], [], []
+
+    def set_module(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def set_scheduler(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def set_train_data_loader(self, loader: Any) -> None:
+        self.train_data_loader = loader
+        if self._source is not None:
+            self._source = BatchSource(self._name, loader, self.epoch_callback)
+
+    # -- set-up before training ----------------------------------------------------------
+    def check_definition(self) -> None:
+        """Raise `ProblemDefinitionError` for what this problem lacks (before training)."""
+        if not _overrides(self, "training_step", ProblemHooks):
+            raise ProblemDefinitionError(
+                f"problem '{self._name}' ({type(self).__name__}) does not define "
+                "training_step(self, batch); subclass ImplicitProblem and return the loss"
+            )
+        self._config.validate()
+
+    def initialize(self, engine: Engine, device: torch.device) -> None:
+        """Resolve module/optimizer/scheduler/data (constructor or hooks) and check them."""
+        self._engine = engine
+        self._device = device
+        self.check_definition()
+        self.module = self.configure_module() or self.module
+        if not isinstance(self.module, torch.nn.Module):
+            raise ProblemDefinitionError(
+                f"problem '{self._name}' has no module; pass module=... or define "
+                "configure_module()"
+            )
+        self.module.to(device)
+        self.optimizer = self.configure_optimizer() or self.optimizer
+        if self.optimizer is None and self.trainable_parameters():
+            raise ProblemDefinitionError(
+                f"problem '{self._name}' has no optimizer; pass optimizer=... or define "
+                "configure_optimizer()"
+            )
+        self.scheduler = self.configure_scheduler() or self.scheduler
+        self.train_data_loader = self.configure_train_data_loader() or self.train_data_loader
+        if self.train_data_loader is not None:
+            self._source = BatchSource(self._name, self.train_data_loader, self.epoch_callback)
+        elif not _overrides(self, "get_batch", Problem):
+            raise ProblemDefinitionError(
+                f"problem '{self._name}' has no data; pass train_data_loader=..., define "
+                "configure_train_data_loader(), or override get_batch()"
+            )
+        self._precision = Precision(self._name, self._config, device)
+        self.ready = [False] * len(self._children)
+        self._window_start = True
+
+    def engine_buffers(self) -> list[Tensor]:
+        """Buffers of every problem's module (restored after hypergradient probes)."""
+        return self._engine.all_buffers() if self._engine is not None else []
+
+    def cuda_devices(self) -> list[int]:
+        return [self._device.index or 0] if self._device.type == "cuda" else []
+
+    # -- data ----------------------------------------------------------------------------
+    def get_batch(self) -> Any:
+        """Next training batch (override to generate batches without a loader)."""
+        assert self._source is not None
+        return move_to(self._source.next_batch(), self._device)
+
+    # -- loss ----------------------------------------------------------------------------
+    def _loss_and_dict(self, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+        assert self._precision is not None
+        with self._precision.autocast():
+            out = self.training_step(batch)
+        if isinstance(out, dict):
+            if "loss" not in out:
+                raise TrainingError(
+                    f"problem '{self._name}': training_step returned a dict without key "
+                    f"'loss' (keys: {sorted(out)}); put the scalar loss under 'loss'"
+                )
+            loss, extras = out["loss"], out
+        else:
+            loss, extras = out, None
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise TrainingError(
+                f"problem '{self._name}': training_step must return a scalar loss tensor, got "
+                f"{shape} at local step {self._count}; reduce it, e.g. with .mean()"
+            )
+        loss = loss.reshape(())
+        return loss, ({"loss": loss} if extras is None else {**extras, "loss": loss})
+
+    def hop_loss(self) -> Tensor:
+        """This problem's loss on its current batch, for hypergradient hops through it."""
+        return self._loss_and_dict(self.cur_batch)[0].float()
+
+    def check_finite(self, loss: Tensor | None = None) -> None:
+        """Raise `TrainingError` if the latest loss is NaN or infinite (one host read)."""
+        loss = self._last_loss if loss is None else loss
+        if loss is not None and not bool(torch.isfinite(loss.detach())):
+            raise TrainingError(
+                f"problem '{self._name}': loss is {float(loss)} at local step {self._count} "
+                f"(global step {self._engine.global_step if self._engine else '?'}); "
+                "lower the learning rate, clip gradients (Config.gradient_clipping) or check "
+                "the data"
+            )
+
+    # -- gradients -----------------------------------------------------------------------
+    def _direct_and_heads(self, loss: Tensor, params: list[Tensor]
+                          ) -> tuple[list[Tensor | None], list[list[Tensor | None]]]:
+        """One backward for this problem's own gradient and every path's first vector."""
+        heads = [path[1].trainable_parameters() for path in self._paths]
+        inputs: list[Tensor] = list(params)
+        index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)}
+        for head in heads:
+            for p in head:
+                if id(p) not in index:
+                    index[id(p)] = len(inputs)
+                    inputs.append(p)
+        if not loss.requires_grad:
+            raise TrainingError(
+                f"problem '{self._name}': the loss does not depend on any parameter that "
+                "requires grad; training_step must use this problem's module"
+            )
+        grads = torch.autograd.grad(loss, inputs, retain_graph=self._config.retain_graph,
+                                    allow_unused=True)
+        direct = list(grads[: len(params)])
+        if not self._config.allow_unused and any(g is None for g in direct):
+            unused = [i for i, g in enumerate(direct) if g is None]
+            raise TrainingError(
+                f"problem '{self._name}': parameters {unused} of trainable_parameters() are not "
+                "used by the loss and Config.allow_unused=False; use them or set "
+                "allow_unused=True"
+            )
+        return direct, [[grads[index[id(p)]] for p in head] for head in heads]
+
+    def compute_gradients(self, loss: Tensor) -> list[Tensor | None]:
+        """Direct gradient plus the hypergradient of every path, for trainable_parameters()."""
+        params = self.trainable_parameters()
+        direct, heads = self._direct_and_heads(loss, params)
+        total = direct
+        reached = False
+        for path, head in zip(self._paths, heads):
+            hyper = path_hypergradient(path, head)
+            if hyper is None:
+                continue
+            reached = True
+            total = [h if d is None else d + h for d, h in zip(total, hyper)]
+        if self._paths and not reached and not self._hypergradient_seen:
+            names = [" -> ".join(p.name for p in path) for path in self._paths]
+            raise HypergradientError(
+                f"problem '{self._name}': every hypergradient path ({names}) carries nothing: "
+                f"the loss of '{self._name}' does not use the parameters of the lower problems "
+                "on its paths, or those problems' losses do not use the parameters of "
+                f"'{self._name}'. Fix training_step or dependencies['u2l']"
+            )
+        self._hypergradient_seen = self._hypergradient_seen or reached
+        return total
+
+    # -- one local step ------------------------------------------------------------------
+    def step(self, global_step: int | None = None) -> bool:
+        """One local step; returns True when this step ends an unroll window (the engine
+        then triggers the uppers). Use `Engine.train_step` to step a whole program."""
+        if self._window_start:
+            self.on_inner_loop_start()
+            self._window_start = False
+        if self._training:
+            self._count += 1
+        self.cur_batch = self.get_batch()
+        loss, loss_dict = self._loss_and_dict(self.cur_batch)
+        self._last_loss = loss.detach()
+        assert self._precision is not None
+        grads = self.compute_gradients(self._precision.scale(loss, self._config))
+        self.accumulate(grads)
+        gas = self._config.gradient_accumulation
+        if self._count % gas == 0:
+            self.optimizer_step()
+        logged = self._log(loss_dict, global_step)
+        ends_window = (self._training and self._count % (self._config.unroll_steps * gas) == 0
+                       and self._count > self._config.warmup_steps)
+        if logged or (ends_window and self._device.type == "cpu"):  # host read: free on CPU
+            self.check_finite()
+        if ends_window:
+            self._window_start = True
+        return ends_window
+
+    def accumulate(self, grads: list[Tensor | None]) -> None:
+        """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
+        params = self.trainable_parameters()
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach()
+            else:
+                p.grad.add_(g.detach())
+        self.grad_callback([p.grad for p in params])
+
+    def optimizer_step(self) -> None:
+        """unscale -> clip -> step -> scaler update -> param_callback -> clear -> scheduler."""
+        assert self._precision is not None
+        params = self.trainable_parameters()
+        stepped = self._precision.step(self, params)
+        if stepped:
+            self.param_callback(params) if _param_callback_takes_args(self) else \
+                self.param_callback()
+        for p in params:
+            p.grad = None
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def run_optimizer(self) -> None:
+        """``custom_optimizer_step`` if overridden, else ``optimizer.step()``."""
+        if _overrides(self, "custom_optimizer_step", ProblemHooks):
+            self.custom_optimizer_step()
+        elif self.optimizer is not None:
+            self.optimizer.step()
+
+    def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> bool:
+        log_step = self._config.log_step
+        if log_step > 0 and self._count % log_step == 0 and self._engine is not None:
+            step = self._count if self._config.log_local_step else global_step
+            self._engine.log_metrics(self._name, loss_dict, step)
+            return True
+        return False
+
+    # -- modes and state -----------------------------------------------------------------
+    def train(self) -> None:
+        self._training = True
+        if self.module is not None:
+            self.module.train()
+
+    def eval(self) -> None:
+        self._training = False
+        if self.module is not None:
+            self.module.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Module, optimizer, scheduler, scaler and step counter of this problem."""
+        state: dict[str, Any] = {"count": self._count}
+        if self.module is not None:
+            state["module"] = self.module.state_dict()
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self._precision is not None and self._precision.scaler is not None:
+            state["scaler"] = self._precision.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._count = int(state.get("count", 0))
+        if "module" in state and self.module is not None:
+            self.module.load_state_dict(state["module"])
+        if "optimizer" in state and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self._precision is not None and self._precision.scaler:
+            self._precision.scaler.load_state_dict(state["scaler"])
+
+
+def _param_callback_takes_args(problem: Problem) -> bool:
+    import inspect
+
+    fn = type(problem).param_callback
+    cached = _PARAM_CALLBACK_ARITY.get(fn)
+    if cached is None:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        cached = _PARAM_CALLBACK_ARITY[fn] = bool(params)
+    return cached
+
+
+_PARAM_CALLBACK_ARITY: dict[Any, bool] = {}
