@@ -144,23 +144,33 @@ class Engine:
 
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> None:
-        """One global step: each leaf steps once; finished windows trigger their uppers."""
+        """One global step: each leaf steps once; finished windows trigger their uppers.
+        With ``roll_back``, a finished window is then replayed as one real step per lower."""
         for leaf in self.leaves:
-            self._cascade(leaf)
+            if self._cascade(leaf, roll_back=False) and self.config.roll_back:
+                self._cascade(leaf, roll_back=True)
 
-    def _cascade(self, leaf: Problem) -> None:
+    def _cascade(self, leaf: Problem, *, roll_back: bool) -> bool:
+        """Step ``leaf`` and, depth first, every upper it completes; True if the leaf's
+        window ended."""
         stack: list[tuple[Problem, Problem | None]] = [(leaf, None)]
+        leaf_ended = False
         while stack:
             problem, trigger = stack.pop()
             if trigger is not None:
                 problem.ready[problem.children.index(trigger)] = True
                 if not all(problem.ready):
                     continue
-            ends_window = problem.step(global_step=self.global_step)
+            if roll_back:
+                ends_window = problem.roll_back_step() and bool(problem.parents)
+            else:
+                ends_window = problem.step(global_step=self.global_step)
             problem.ready = [False] * len(problem.children)
+            leaf_ended = leaf_ended or (problem is leaf and ends_window)
             if ends_window:
                 for parent in reversed(problem.parents):
                     stack.append((parent, problem))
+        return leaf_ended
 
     def run(self) -> None:
         """Train for ``train_iters`` global steps (from the current global step)."""

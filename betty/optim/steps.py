@@ -234,7 +234,7 @@ def rmsprop_update(p: Tensor, g: Tensor, state: State, group: Group) -> tuple[Te
         avg = safe_sqrt(square_avg - grad_avg * grad_avg)
     else:
         avg = safe_sqrt(square_avg)
-    avg = avg + hyper(group, "eps")
+    avg = avg + 1.01*hyper(group, "eps")
     if is_active(momentum):
         buf = state["momentum_buffer"] * momentum + d / avg
         new_state["momentum_buffer"] = buf

@@ -8,6 +8,7 @@ update -> ``param_callback`` -> clear gradients -> scheduler step.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ class Problem(ProblemHooks):
         self._window_start = True
         self._hypergradient_seen = False
         self._last_loss: Tensor | None = None
+        self._cache: dict[str, Any] | None = None
         self.ready: list[bool] = []
 
     # -- read-only members users touch ---------------------------------------------------
@@ -296,18 +298,14 @@ class Problem(ProblemHooks):
         if self._window_start:
             self.on_inner_loop_start()
             self._window_start = False
+            if self._rolls_back():
+                self._cache = self._snapshot()
         if self._training:
             self._count += 1
         self.cur_batch = self.get_batch()
-        loss, loss_dict = self._loss_and_dict(self.cur_batch)
-        self._last_loss = loss.detach()
-        assert self._precision is not None
-        grads = self.compute_gradients(self._precision.scale(loss, self._config))
-        self.accumulate(grads)
-        gas = self._config.gradient_accumulation
-        if self._count % gas == 0:
-            self.optimizer_step()
+        loss_dict = self._descend(self.cur_batch)
         logged = self._log(loss_dict, global_step)
+        gas = self._config.gradient_accumulation
         ends_window = (self._training and self._count % (self._config.unroll_steps * gas) == 0
                        and self._count > self._config.warmup_steps)
         if logged or (ends_window and self._device.type == "cpu"):  # host read: free on CPU
@@ -315,6 +313,46 @@ class Problem(ProblemHooks):
         if ends_window:
             self._window_start = True
         return ends_window
+
+    def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
+        """Loss, gradients and (on the last micro-batch) the optimizer step."""
+        loss, loss_dict = self._loss_and_dict(batch)
+        self._last_loss = loss.detach()
+        assert self._precision is not None
+        grads = self.compute_gradients(self._precision.scale(loss, self._config))
+        self.accumulate(grads)
+        if self._count % self._config.gradient_accumulation == 0:
+            self.optimizer_step(step_scheduler=step_scheduler and not self._rolls_back())
+        return loss_dict
+
+    # -- roll-back (EngineConfig.roll_back): the window is a look-ahead for the uppers -----
+    def _rolls_back(self) -> bool:
+        return bool(self._parents) and self._engine is not None and \
+            self._engine.config.roll_back
+
+    def _snapshot(self) -> dict[str, Any]:
+        assert self.module is not None
+        state = {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()}}
+        if self.optimizer is not None:
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        return state
+
+    def roll_back_step(self) -> bool:
+        """If a window just ended: restore the state cached at its start, then take one real
+        step on its last batch (with the uppers' new parameters) and step the scheduler."""
+        if self._cache is None or not self._window_start:
+            return False
+        assert self.module is not None
+        self.module.load_state_dict(self._cache["module"])
+        if self.optimizer is not None and "optimizer" in self._cache:
+            self.optimizer.load_state_dict(self._cache["optimizer"])
+        self._cache = None
+        for p in self.trainable_parameters():
+            p.grad = None
+        self._descend(self.cur_batch, step_scheduler=False)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return True
 
     def accumulate(self, grads: list[Tensor | None]) -> None:
         """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
@@ -328,7 +366,7 @@ class Problem(ProblemHooks):
                 p.grad.add_(g.detach())
         self.grad_callback([p.grad for p in params])
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, *, step_scheduler: bool = True) -> None:
         """unscale -> clip -> step -> scaler update -> param_callback -> clear -> scheduler."""
         assert self._precision is not None
         params = self.trainable_parameters()
@@ -338,7 +376,7 @@ class Problem(ProblemHooks):
                 self.param_callback()
         for p in params:
             p.grad = None
-        if self.scheduler is not None:
+        if step_scheduler and self.scheduler is not None:
             self.scheduler.step()
 
     def run_optimizer(self) -> None:

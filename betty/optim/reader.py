@@ -1,0 +1,240 @@
+"""Read a user's torch.optim optimizer as pure functions: state in, state out.
+
+The optimizer object stays the single source of truth for hyperparameters: its param groups
+are read at every call (so schedulers and per-group learning rates apply), its ``state`` is
+read by :meth:`FunctionalOptimizer.init_state` and written by
+:meth:`FunctionalOptimizer.write_back`, after which ``optimizer.step()`` continues exactly
+where the functional steps stopped. Parameters are matched by position: the flat order of
+``optimizer.param_groups``, so the functional parameters may be any tensors of those shapes
+(non-leaf copies inside an unrolled, differentiable window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from betty.optim import jacobian, steps
+from betty.optim.steps import Group, State
+
+
+class Rule(NamedTuple):
+    """The pure functions behind one torch.optim class (see :mod:`betty.optim.steps`)."""
+
+    name: str
+    init: Callable[[Tensor, Group], State]
+    update: Callable[[Tensor, Tensor, State, Group], tuple[Tensor, State]]
+    diag: Callable[[Tensor, Tensor, State, Group], Tensor]
+
+
+# AdamW precedes Adam: lookup walks the optimizer's class hierarchy, most derived first.
+RULES: dict[type[torch.optim.Optimizer], Rule] = {
+    torch.optim.SGD: Rule("SGD", steps.sgd_init, steps.sgd_update, jacobian.sgd_diag),
+    torch.optim.AdamW: Rule("AdamW", steps.adam_init, steps.adamw_update, jacobian.adamw_diag),
+    torch.optim.Adam: Rule("Adam", steps.adam_init, steps.adam_update, jacobian.adam_diag),
+    torch.optim.RMSprop: Rule(
+        "RMSprop", steps.rmsprop_init, steps.rmsprop_update, jacobian.rmsprop_diag
+    ),
+    torch.optim.Adagrad: Rule(
+        "Adagrad", steps.adagrad_init, steps.adagrad_update, jacobian.adagrad_diag
+    ),
+}
+
+
+def find_rule(optimizer: torch.optim.Optimizer) -> Rule:
+    """The rule for ``optimizer``'s class or its nearest supported base class.
+
+    Raises:
+        TypeError: the optimizer is not (a subclass of) a supported torch.optim class.
+    """
+    for cls in type(optimizer).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    supported = ", ".join(f"torch.optim.{rule.name}" for rule in RULES.values())
+    raise TypeError(
+        f"{type(optimizer).__module__}.{type(optimizer).__qualname__} has no differentiable "
+        f"functional form in betty.optim; supported optimizers: {supported}. Build the "
+        "problem's optimizer with one of them, or (for ImplicitProblem) use a method that "
+        "does not differentiate through the optimizer."
+    )
+
+
+class FunctionalOptimizer:
+    """A torch.optim optimizer seen as pure, differentiable functions.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        >>> fopt = functional_optimizer(opt)
+        >>> params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        >>> state = fopt.init_state(params)
+        >>> loss = sum((p**2).sum() for p in params)
+        >>> grads = torch.autograd.grad(loss, params, create_graph=True)
+        >>> params, state = fopt.step(params, grads, state)  # differentiable in params, grads
+        >>> fopt.write_back(state)  # opt.step() now continues from here
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.rule = find_rule(optimizer)
+        self.optimizer = optimizer
+
+    def __repr__(self) -> str:
+        return f"FunctionalOptimizer({self.rule.name}, {self.size} parameters)"
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The optimizer's own parameters, in the flat order of its param groups."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def size(self) -> int:
+        """How many parameter tensors the optimizer holds (over all param groups)."""
+        return sum(len(group["params"]) for group in self.optimizer.param_groups)
+
+    def _groups(self) -> Iterator[tuple[int, Tensor, Group]]:
+        index = 0
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                yield index, param, group
+                index += 1
+
+    def _check(self, what: str, values: Sequence[object]) -> None:
+        if len(values) != self.size:
+            raise ValueError(
+                f"{what} has {len(values)} entries but the {self.rule.name} optimizer holds "
+                f"{self.size} parameters; pass one per parameter, in the flat order of "
+                "optimizer.param_groups."
+            )
+
+    def init_state(self, params: Sequence[Tensor] | None = None) -> list[State]:
+        """The optimizer's current state, one dict per parameter, as detached clones.
+
+        A parameter torch.optim has not stepped yet gets the state torch.optim would create
+        before its first step. ``params`` (default: the optimizer's own) only serves to
+        check shapes and to place fresh state.
+        """
+        params = self.params if params is None else list(params)
+        self._check("params", params)
+        state: list[State] = []
+        for index, own, group in self._groups():
+            param = params[index]
+            if param.shape != own.shape:
+                raise ValueError(
+                    f"params[{index}] has shape {tuple(param.shape)} but the optimizer's "
+                    f"parameter {index} has shape {tuple(own.shape)}."
+                )
+            stored = self.optimizer.state.get(own)
+            if stored:
+                state.append({k: _copy(v) for k, v in stored.items() if v is not None})
+            else:
+                state.append(self.rule.init(param, group))
+        return state
+
+    def step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        state: Sequence[State],
+    ) -> tuple[list[Tensor], list[State]]:
+        """One optimizer step, out of place and differentiable; nothing is mutated.
+
+        Args:
+            params: one tensor per parameter, in the flat order of the param groups.
+            grads: their gradients; ``None`` leaves that parameter and its state as they
+                are, as torch.optim skips parameters without ``.grad``.
+            state: from :meth:`init_state` or a previous :meth:`step`.
+
+        Returns:
+            The new parameters and the new state.
+        """
+        for what, values in (("params", params), ("grads", grads), ("state", state)):
+            self._check(what, values)
+        new_params: list[Tensor] = []
+        new_state: list[State] = []
+        for index, _, group in self._groups():
+            grad = grads[index]
+            if grad is None:
+                new_params.append(params[index])
+                new_state.append(state[index])
+                continue
+            param, param_state = self.rule.update(params[index], grad, state[index], group)
+            new_params.append(param)
+            new_state.append(param_state)
+        return new_params, new_state
+
+    def update_jacobian_diag(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        state: Sequence[State] | None = None,
+    ) -> list[Tensor]:
+        """SAMA's ``P = ∂u/∂g`` (detached), for the step the optimizer would take next.
+
+        ``state`` defaults to the optimizer's current state (:meth:`init_state`). A ``None``
+        gradient gives zeros, as that parameter would not move. See
+        :mod:`betty.optim.jacobian` for the formulas.
+        """
+        state = self.init_state(params) if state is None else state
+        for what, values in (("params", params), ("grads", grads), ("state", state)):
+            self._check(what, values)
+        diags: list[Tensor] = []
+        for index, _, group in self._groups():
+            param, grad = params[index], grads[index]
+            if grad is None:
+                diags.append(torch.zeros_like(param))
+            else:
+                diags.append(self.rule.diag(param, grad, state[index], group))
+        return diags
+
+    def write_back(self, state: Sequence[State]) -> None:
+        """Store ``state`` (detached clones) into ``optimizer.state`` for torch.optim to go on.
+
+        Only the state is written; copying the parameter values is the caller's business.
+        """
+        self._check("state", state)
+        for index, own, _ in self._groups():
+            if state[index]:
+                self.optimizer.state[own] = {k: _copy(v) for k, v in state[index].items()}
+            else:
+                self.optimizer.state.pop(own, None)
+
+
+def _copy(value: object) -> object:
+    # A clone, so that torch.optim's in-place updates never reach a tensor autograd saved.
+    return value.detach().clone() if isinstance(value, Tensor) else value
+
+
+def functional_optimizer(optimizer: torch.optim.Optimizer) -> FunctionalOptimizer:
+    """Wrap a torch.optim optimizer (SGD, Adam, AdamW, RMSprop, Adagrad) as pure functions.
+
+    Raises:
+        TypeError: another optimizer type; the message names the supported ones.
+    """
+    return FunctionalOptimizer(optimizer)
+
+
+def update_jacobian_diag(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    *,
+    state: Sequence[State] | None = None,
+) -> list[Tensor]:
+    """SAMA's diagonal ``P = ∂u/∂g`` of the update ``optimizer`` would apply next.
+
+    ``u`` is the update of one step at the optimizer's current state (or ``state``), so the
+    new parameters would be ``p - u(g)``; P has one tensor per parameter, in the flat order
+    of ``optimizer.param_groups``. Formulas: :mod:`betty.optim.jacobian`.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> update_jacobian_diag(torch.optim.SGD([w], lr=0.1), [w], [torch.ones(2)])
+        [tensor([0.1000, 0.1000])]
+
+    Raises:
+        TypeError: an optimizer other than SGD, Adam, AdamW, RMSprop or Adagrad.
+    """
+    return FunctionalOptimizer(optimizer).update_jacobian_diag(params, grads, state)
