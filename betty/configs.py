@@ -66,6 +66,7 @@ class Config:
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
     cg_alpha: float = 1.0
+    truncation_steps: int = 0  # ours: reverse mode back-propagates the last N updates only
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +80,7 @@ class Config:
         _integer("Config", "warmup_steps", self.warmup_steps, minimum=0)
         _integer("Config", "neumann_iterations", self.neumann_iterations, minimum=0)
         _integer("Config", "cg_iterations", self.cg_iterations, minimum=1)
+        _integer("Config", "truncation_steps", self.truncation_steps, minimum=0)
         if not isinstance(self.log_step, int) or self.log_step == 0 or self.log_step < -1:
             raise ConfigError(
                 f"Config.log_step={self.log_step!r} must be a positive integer, or -1 for never"

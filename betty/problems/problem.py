@@ -73,6 +73,7 @@ class Problem(ProblemHooks):
         self._hypergradient_seen = False
         self._last_loss: Tensor | None = None
         self._cache: dict[str, Any] | None = None
+        self._shares_window_graph = False  # set when several uppers backprop one window
         self.ready: list[bool] = []
 
     # -- read-only members users touch ---------------------------------------------------
@@ -243,7 +244,7 @@ class Problem(ProblemHooks):
     def _direct_and_heads(self, loss: Tensor, params: list[Tensor]
                           ) -> tuple[list[Tensor | None], list[list[Tensor | None]]]:
         """One backward for this problem's own gradient and every path's first vector."""
-        heads = [path[1].trainable_parameters() for path in self._paths]
+        heads = [path[1].trainable_parameters() for path in self._implicit_paths()]
         inputs: list[Tensor] = list(params)
         index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)}
         for head in heads:
@@ -256,8 +257,8 @@ class Problem(ProblemHooks):
                 f"problem '{self._name}': the loss does not depend on any parameter that "
                 "requires grad; training_step must use this problem's module"
             )
-        grads = torch.autograd.grad(loss, inputs, retain_graph=self._config.retain_graph,
-                                    allow_unused=True)
+        retain = self._config.retain_graph or self._shares_window_graph
+        grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
         direct = list(grads[: len(params)])
         if not self._config.allow_unused and any(g is None for g in direct):
             unused = [i for i, g in enumerate(direct) if g is None]
@@ -273,8 +274,8 @@ class Problem(ProblemHooks):
         params = self.trainable_parameters()
         direct, heads = self._direct_and_heads(loss, params)
         total = direct
-        reached = False
-        for path, head in zip(self._paths, heads):
+        reached = not self._config.first_order  # reverse mode: autograd went through the lowers
+        for path, head in zip(self._implicit_paths(), heads):
             hyper = path_hypergradient(path, head)
             if hyper is None:
                 continue
@@ -291,15 +292,20 @@ class Problem(ProblemHooks):
         self._hypergradient_seen = self._hypergradient_seen or reached
         return total
 
+    def _implicit_paths(self) -> list[list[Problem]]:
+        """Paths whose hops use implicit methods; in reverse mode (``first_order=False``)
+        the lowers' unrolled updates are in the loss's graph and autograd covers them."""
+        return self._paths if self._config.first_order else []
+
     # -- one local step ------------------------------------------------------------------
     def step(self, global_step: int | None = None) -> bool:
         """One local step; returns True when this step ends an unroll window (the engine
         then triggers the uppers). Use `Engine.train_step` to step a whole program."""
         if self._window_start:
+            self._end_previous_window()
             self.on_inner_loop_start()
             self._window_start = False
-            if self._rolls_back():
-                self._cache = self._snapshot()
+            self._begin_window()
         if self._training:
             self._count += 1
         self.cur_batch = self.get_batch()
@@ -324,6 +330,14 @@ class Problem(ProblemHooks):
         if self._count % self._config.gradient_accumulation == 0:
             self.optimizer_step(step_scheduler=step_scheduler and not self._rolls_back())
         return loss_dict
+
+    def _end_previous_window(self) -> None:
+        """Runs before `on_inner_loop_start` at each window start (subclasses extend)."""
+
+    def _begin_window(self) -> None:
+        """Runs after `on_inner_loop_start` at each window start (subclasses extend)."""
+        if self._rolls_back():
+            self._cache = self._snapshot()
 
     # -- roll-back (EngineConfig.roll_back): the window is a look-ahead for the uppers -----
     def _rolls_back(self) -> bool:
@@ -372,12 +386,18 @@ class Problem(ProblemHooks):
         params = self.trainable_parameters()
         stepped = self._precision.step(self, params)
         if stepped:
-            self.param_callback(params) if _param_callback_takes_args(self) else \
-                self.param_callback()
+            self.run_param_callback(params)
         for p in params:
             p.grad = None
         if step_scheduler and self.scheduler is not None:
             self.scheduler.step()
+
+    def run_param_callback(self, params: list[Tensor]) -> None:
+        """``param_callback(params)``, or ``param_callback()`` for the original's form."""
+        if _param_callback_takes_args(self):
+            self.param_callback(params)
+        else:
+            self.param_callback()  # type: ignore[call-arg]
 
     def run_optimizer(self) -> None:
         """``custom_optimizer_step`` if overridden, else ``optimizer.step()``."""
