@@ -16,10 +16,11 @@ from betty.hypergradient.cg import cg
 from betty.hypergradient.darts import darts
 from betty.hypergradient.hop import Hop, OptionalVector
 from betty.hypergradient.neumann import neumann
+from betty.hypergradient.sama import sama
 
 Method = Callable[[Hop, Sequence[Tensor], Config], OptionalVector]
 
-METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg}
+METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sama": sama}
 
 
 def register(name: str, method: Method) -> None:
@@ -27,4 +28,4 @@ def register(name: str, method: Method) -> None:
     METHODS[name] = method
 
 
-__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "register"]
+__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "register", "sama"]

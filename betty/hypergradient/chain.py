@@ -34,6 +34,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor]) -> Optional
     method = METHODS[lower.config.type]
     hop = Hop(lower.trainable_parameters(), upper.trainable_parameters(),
               lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices())
+    hop.update_jacobian = lower.update_jacobian
     with hop:
         return method(hop, v, lower.config)
 

@@ -57,6 +57,8 @@ class Hop:
         self._buffers = list(buffers)
         self._devices = list(devices)
         self._grad_w: tuple[Tensor, ...] | None = None
+        # diagonal dU/dg of the lower optimizer's update, for optimizer-aware methods (sama)
+        self.update_jacobian: Callable[[], list[Tensor]] | None = None
         self._state: Any = None
         self._rewind: Callable[[], None] | None = None
 

@@ -174,6 +174,7 @@ class IterativeProblem(Problem):
         if self.config.gradient_clipping > 0:
             grads = self._clip(grads)
         self.grad_callback(grads)
+        self._last_grads = [g.detach() for g in grads]
         new_w, new_state = self._fopt.step(self._w, grads, self._fstate)
         if not create_graph:
             new_w = [w.detach().requires_grad_(p.requires_grad)

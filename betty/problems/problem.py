@@ -74,6 +74,7 @@ class Problem(ProblemHooks):
         self._last_loss: Tensor | None = None
         self._cache: dict[str, Any] | None = None
         self._shares_window_graph = False  # set when several uppers backprop one window
+        self._last_grads: list[Tensor] = []  # latest gradient, for sama's P
         self.ready: list[bool] = []
 
     # -- read-only members users touch ---------------------------------------------------
@@ -368,9 +369,30 @@ class Problem(ProblemHooks):
             self.scheduler.step()
         return True
 
+    def update_jacobian(self) -> list[Tensor]:
+        """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
+        and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
+        from betty.optim import update_jacobian_diag
+
+        params = self.trainable_parameters()
+        if self.optimizer is None:
+            return [torch.zeros_like(p) for p in params]
+        own = [p for group in self.optimizer.param_groups for p in group["params"]]
+        last = {id(p): g for p, g in zip(params, self._last_grads)}
+        try:
+            diag = update_jacobian_diag(self.optimizer, own,
+                                        [last.get(id(p), torch.zeros_like(p)) for p in own])
+        except TypeError as err:
+            raise HypergradientError(f"problem '{self._name}' (Config.type='sama'): {err}") \
+                from None
+        by_id = {id(p): d for p, d in zip(own, diag)}
+        return [by_id.get(id(p), torch.zeros_like(p)) for p in params]
+
     def accumulate(self, grads: list[Tensor | None]) -> None:
         """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
         params = self.trainable_parameters()
+        self._last_grads = [torch.zeros_like(p) if g is None else g.detach()
+                            for p, g in zip(params, grads)]
         for p, g in zip(params, grads):
             if g is None:
                 continue
