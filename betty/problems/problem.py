@@ -164,21 +164,22 @@ class Problem(ProblemHooks):
         self._engine = engine
         self._device = device
         self.check_definition()
-        self.module = self.configure_module() or self.module
+        self.module = _given(self.configure_module(), self.module)
         if not isinstance(self.module, torch.nn.Module):
             raise ProblemDefinitionError(
                 f"problem '{self._name}' has no module; pass module=... or define "
                 "configure_module()"
             )
         self.module.to(device)
-        self.optimizer = self.configure_optimizer() or self.optimizer
+        self.optimizer = _given(self.configure_optimizer(), self.optimizer)
         if self.optimizer is None and self.trainable_parameters():
             raise ProblemDefinitionError(
                 f"problem '{self._name}' has no optimizer; pass optimizer=... or define "
                 "configure_optimizer()"
             )
-        self.scheduler = self.configure_scheduler() or self.scheduler
-        self.train_data_loader = self.configure_train_data_loader() or self.train_data_loader
+        self.scheduler = _given(self.configure_scheduler(), self.scheduler)
+        self.train_data_loader = _given(self.configure_train_data_loader(),
+                                        self.train_data_loader)
         if self.train_data_loader is not None:
             self._source = BatchSource(self._name, self.train_data_loader, self.epoch_callback)
         elif not _overrides(self, "get_batch", Problem):
@@ -228,7 +229,8 @@ class Problem(ProblemHooks):
 
     def hop_loss(self) -> Tensor:
         """This problem's loss on its current batch, for hypergradient hops through it."""
-        return self._loss_and_dict(self.cur_batch)[0].float()
+        loss = self._loss_and_dict(self.cur_batch)[0]
+        return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
 
     def check_finite(self, loss: Tensor | None = None) -> None:
         """Raise `TrainingError` if the latest loss is NaN or infinite (one host read)."""
@@ -470,6 +472,11 @@ class Problem(ProblemHooks):
             self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and self._precision is not None and self._precision.scaler:
             self._precision.scaler.load_state_dict(state["scaler"])
+
+
+def _given(from_hook: Any, from_constructor: Any) -> Any:
+    """A hook's non-None return value wins over the constructor argument."""
+    return from_hook if from_hook is not None else from_constructor
 
 
 def _param_callback_takes_args(problem: Problem) -> bool:
