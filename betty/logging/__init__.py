@@ -38,7 +38,8 @@ class ConsoleLogger:
     """One line per logged step under the ``betty`` logger."""
 
     def log(self, metrics: dict[str, Any], *, tag: str, step: int | None) -> None:
-        log.info("[%s] [step %s] %s", tag, step, format_metrics(metrics))
+        if log.isEnabledFor(logging.INFO):  # formatting reads values from the device
+            log.info("[%s] [step %s] %s", tag, step, format_metrics(metrics))
 
     def close(self) -> None:
         pass
