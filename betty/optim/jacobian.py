@@ -76,9 +76,9 @@ def adam_diag(
     with torch.no_grad():  # P is a constant preconditioner: no graph, even for tensor lr
         beta1, beta2 = map(scalar, group["betas"])
         step, d, m, v, v_max = adam_moments(p, g, state, group, decoupled=decoupled)
-        t = count(step)
+        t = count(step, group)
         c1 = coef(1 - beta1**t, p)
-        c2_root = coef((1 - beta2**t) ** 0.5, p)
+        c2_root = coef(torch.sqrt(1 - beta2**t), p)
         root = safe_sqrt(v_max)
         denom = root / c2_root + hyper(group, "eps")
         slope = _over_root((1 - beta2) * d / c2_root, root)

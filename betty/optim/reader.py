@@ -121,6 +121,11 @@ class FunctionalOptimizer:
         state: list[State] = []
         for index, own, group in self._groups():
             param = params[index]
+            if torch.is_complex(param):
+                raise TypeError(
+                    f"params[{index}] is complex; betty.optim's rules handle real tensors only "
+                    "(view it as real pairs with torch.view_as_real)."
+                )
             if param.shape != own.shape:
                 raise ValueError(
                     f"params[{index}] has shape {tuple(param.shape)} but the optimizer's "

@@ -84,8 +84,18 @@ def coef(value: Any, p: Tensor) -> Any:
     return value.to(p.dtype) if isinstance(value, Tensor) else value
 
 
-def count(step: Tensor) -> Tensor:
-    """A step counter as float64, for bias corrections as exact as torch.optim's doubles."""
+def count(step: Tensor, group: Group | None = None) -> Tensor:
+    """The step counter in the dtype torch.optim computes its bias corrections in.
+
+    torch.optim reads the counter into a Python float (a double), except in Adam's
+    ``capturable`` and ``differentiable`` modes, which keep it a tensor of its own dtype
+    (float32 unless the default dtype is float64); there ``1 - β2^t`` carries float32
+    round-off, about 1e-5 relative at small t, and this follows suit. Fused kernels use
+    doubles. ``group=None`` means the double path.
+    """
+    if group is not None and not group.get("fused"):
+        if group.get("capturable") or group.get("differentiable"):
+            return step
     return step.to(torch.float32 if step.device.type == "mps" else torch.float64)
 
 
@@ -184,9 +194,9 @@ def adam_update(
     step, _, m, v, v_max = adam_moments(p, g, state, group, decoupled=decoupled)
     if decoupled and is_active(weight_decay):
         p = p * coef(1 - lr * weight_decay, p)
-    t = count(step)
+    t = count(step, group)
     step_size = lr / (1 - beta1**t)
-    denom = safe_sqrt(v_max) / coef((1 - beta2**t) ** 0.5, p) + hyper(group, "eps")
+    denom = safe_sqrt(v_max) / coef(torch.sqrt(1 - beta2**t), p) + hyper(group, "eps")
     new_state: State = {"step": step, "exp_avg": m, "exp_avg_sq": v}
     if group["amsgrad"]:
         new_state["max_exp_avg_sq"] = v_max
@@ -234,7 +244,7 @@ def rmsprop_update(p: Tensor, g: Tensor, state: State, group: Group) -> tuple[Te
         avg = safe_sqrt(square_avg - grad_avg * grad_avg)
     else:
         avg = safe_sqrt(square_avg)
-    avg = avg + 1.01*hyper(group, "eps")
+    avg = avg + hyper(group, "eps")
     if is_active(momentum):
         buf = state["momentum_buffer"] * momentum + d / avg
         new_state["momentum_buffer"] = buf
