@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from betty.errors import ProblemDefinitionError
+from betty.errors import ProblemDefinitionError, TrainingError
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -27,7 +27,8 @@ class BatchSource:
 
     Each loader restarts when exhausted; ``on_epoch_end`` runs when the first one does, and
     ``epochs[i]`` counts restarts of loader ``i``. ``positions[i]`` counts batches drawn in the
-    current epoch (checkpoints use both).
+    current epoch. Right before each ``iter(loader)`` the random state its shuffling draws from
+    is recorded, so `load_state_dict` can rebuild an iterator mid-epoch exactly (checkpoints).
     """
 
     def __init__(self, owner: str, loaders: Iterable[Any] | tuple[Iterable[Any], ...],
@@ -36,11 +37,17 @@ class BatchSource:
         self.single = not isinstance(loaders, tuple)
         self.loaders: tuple[Iterable[Any], ...] = (loaders,) if self.single else loaders
         self.on_epoch_end = on_epoch_end
+        if not self.loaders:
+            raise ProblemDefinitionError(
+                f"problem '{owner}': train_data_loader is an empty tuple; pass one loader or a "
+                "tuple of at least one loader"
+            )
         for i, loader in enumerate(self.loaders):
             self._check_loader(i, loader)
         self.iterators: list[Iterator[Any] | None] = [None] * len(self.loaders)
         self.epochs = [0] * len(self.loaders)
         self.positions = [0] * len(self.loaders)
+        self.start_rng: list[dict[str, Any] | None] = [None] * len(self.loaders)
 
     def _check_loader(self, index: int, loader: Any) -> None:
         where = f"problem '{self.owner}': train_data_loader" + ("" if self.single else f"[{index}]")
@@ -64,7 +71,7 @@ class BatchSource:
     def _next(self, index: int) -> Any:
         iterator = self.iterators[index]
         if iterator is None:
-            iterator = self.iterators[index] = iter(self.loaders[index])
+            iterator = self._start(index)
         try:
             batch = next(iterator)
         except StopIteration:
@@ -78,10 +85,16 @@ class BatchSource:
             self.epochs[index] += 1
             self.positions[index] = 0
             self._set_epoch(index)
-            iterator = self.iterators[index] = iter(self.loaders[index])
+            self._start(index)
             return self._next(index)
         self.positions[index] += 1
         return batch
+
+    def _start(self, index: int) -> Iterator[Any]:
+        """A fresh iterator over loader ``index``, recording the random state it starts from."""
+        self.start_rng[index] = _loader_rng_state(self.loaders[index])
+        iterator = self.iterators[index] = iter(self.loaders[index])
+        return iterator
 
     def _set_epoch(self, index: int) -> None:
         sampler = getattr(self.loaders[index], "sampler", None)
@@ -93,3 +106,75 @@ class BatchSource:
         if self.single:
             return self._next(0)
         return tuple(self._next(i) for i in range(len(self.loaders)))
+
+    # -- exact resume (betty.checkpoint) -------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Epochs, positions, whether each iterator has started, the random state each
+        epoch started from and the loaders' own generators now."""
+        return {
+            "epochs": list(self.epochs),
+            "positions": list(self.positions),
+            "started": [it is not None for it in self.iterators],
+            "start_rng": list(self.start_rng),
+            "generators": [[g.get_state() for g in _generators(loader)]
+                           for loader in self.loaders],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild each iterator where `state` left it: rewind the random state to the
+        epoch's start, iterate afresh and skip the batches already drawn (this loads them
+        again: its cost is one partial epoch). Changes torch's global random state; the
+        caller restores it afterwards (`betty.checkpoint` does)."""
+        self.epochs = [int(e) for e in state["epochs"]]
+        self.positions = [int(p) for p in state["positions"]]
+        self.start_rng = list(state["start_rng"])
+        for index, loader in enumerate(self.loaders):
+            self.iterators[index] = None
+            if state["started"][index]:
+                self._replay(index)
+            for generator, saved in zip(_generators(loader), state["generators"][index]):
+                generator.set_state(saved)
+
+    def _replay(self, index: int) -> None:
+        _set_loader_rng_state(self.loaders[index], self.start_rng[index])
+        if self.epochs[index] > 0:
+            self._set_epoch(index)
+        iterator = self.iterators[index] = iter(self.loaders[index])
+        for drawn in range(self.positions[index]):
+            try:
+                next(iterator)
+            except StopIteration:
+                raise TrainingError(
+                    f"problem '{self.owner}': cannot resume train_data_loader[{index}] at batch "
+                    f"{self.positions[index]} of epoch {self.epochs[index]}: it now yields "
+                    f"only {drawn} batches; resume with the same data"
+                ) from None
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a loader shuffles with: its own, its sampler's, its batch
+    sampler's sampler's (each once)."""
+    found: dict[int, torch.Generator] = {}
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found.setdefault(id(generator), generator)
+    return list(found.values())
+
+
+def _loader_rng_state(loader: Any) -> dict[str, Any] | None:
+    """Random state an ``iter(loader)`` may draw from; ``None`` for a plain list or tuple."""
+    if isinstance(loader, (list, tuple)):
+        return None
+    return {"torch": torch.get_rng_state(),
+            "generators": [g.get_state() for g in _generators(loader)]}
+
+
+def _set_loader_rng_state(loader: Any, state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    torch.set_rng_state(state["torch"])
+    for generator, saved in zip(_generators(loader), state["generators"]):
+        generator.set_state(saved)

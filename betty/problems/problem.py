@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from betty.configs import Config
-from betty.errors import HypergradientError, ProblemDefinitionError, TrainingError
+from betty.errors import ConfigError, HypergradientError, ProblemDefinitionError, TrainingError
 from betty.hypergradient.chain import path_hypergradient
 from betty.problems.data import BatchSource, move_to
 from betty.problems.hooks import ProblemHooks
@@ -73,6 +73,7 @@ class Problem(ProblemHooks):
         self._hypergradient_seen = False
         self._last_loss: Tensor | None = None
         self._cache: dict[str, Any] | None = None
+        self._replaying = False
         self._shares_window_graph = False  # set when several uppers backprop one window
         self._last_grads: list[Tensor] = []  # latest gradient, for sama's P
         self.ready: list[bool] = []
@@ -157,7 +158,10 @@ class Problem(ProblemHooks):
                 f"problem '{self._name}' ({type(self).__name__}) does not define "
                 "training_step(self, batch); subclass ImplicitProblem and return the loss"
             )
-        self._config.validate()
+        try:
+            self._config.validate()
+        except ConfigError as err:  # a field edited after Config() was built
+            raise ConfigError(f"problem '{self._name}': {err}") from None
 
     def initialize(self, engine: Engine, device: torch.device) -> None:
         """Resolve module/optimizer/scheduler/data (constructor or hooks) and check them."""
@@ -187,9 +191,30 @@ class Problem(ProblemHooks):
                 f"problem '{self._name}' has no data; pass train_data_loader=..., define "
                 "configure_train_data_loader(), or override get_batch()"
             )
+        self._check_sama_optimizer(engine)
         self._precision = Precision(self._name, self._config, device)
         self.ready = [False] * len(self._children)
         self._window_start = True
+
+    def _check_sama_optimizer(self, engine: Engine) -> None:
+        """Config.type='sama' needs P = du/dg of this problem's optimizer: fail before
+        training if an upper differentiates through this problem and no rule knows it."""
+        if self._config.type != "sama" or self.optimizer is None:
+            return
+        uppers = [u.name for u in getattr(engine, "problems", []) if u.config.first_order
+                  and any(self in path[1:-1] for path in u.paths)]
+        if not uppers:
+            return
+        from betty.optim import find_rule
+
+        try:
+            find_rule(self.optimizer)
+        except TypeError as err:
+            raise ConfigError(
+                f"problem '{self._name}' has Config(type='sama'), which needs the update "
+                f"Jacobian of its optimizer (problems {uppers} differentiate through it): "
+                f"{err} Config.type darts, neumann and cg work with any optimizer."
+            ) from None
 
     def engine_buffers(self) -> list[Tensor]:
         """Buffers of every problem's module (restored after hypergradient probes)."""
@@ -309,6 +334,8 @@ class Problem(ProblemHooks):
             self.on_inner_loop_start()
             self._window_start = False
             self._begin_window()
+        elif self._rolls_back() and self._count % self._window_length() == 0:
+            self._cache = self._snapshot()  # a warm-up window ended without a roll-back
         if self._training:
             self._count += 1
         self.cur_batch = self.get_batch()
@@ -328,14 +355,19 @@ class Problem(ProblemHooks):
         loss, loss_dict = self._loss_and_dict(batch)
         self._last_loss = loss.detach()
         assert self._precision is not None
-        grads = self.compute_gradients(self._precision.scale(loss, self._config))
+        replay = self._replaying  # a roll-back replay is one whole step on one batch
+        grads = self.compute_gradients(self._precision.scale(loss, self._config,
+                                                             whole_step=replay))
         self.accumulate(grads)
-        if self._count % self._config.gradient_accumulation == 0:
-            self.optimizer_step(step_scheduler=step_scheduler and not self._rolls_back())
+        if replay or self._count % self._config.gradient_accumulation == 0:
+            self.optimizer_step(step_scheduler=step_scheduler and not self._will_roll_back())
         return loss_dict
 
     def _end_previous_window(self) -> None:
         """Runs before `on_inner_loop_start` at each window start (subclasses extend)."""
+
+    def _settle(self) -> None:
+        """Runs when `Engine.run` returns: the module must hold its own parameters then."""
 
     def _begin_window(self) -> None:
         """Runs after `on_inner_loop_start` at each window start (subclasses extend)."""
@@ -346,6 +378,17 @@ class Problem(ProblemHooks):
     def _rolls_back(self) -> bool:
         return bool(self._parents) and self._engine is not None and \
             self._engine.config.roll_back
+
+    def _window_length(self) -> int:
+        return self._config.unroll_steps * self._config.gradient_accumulation
+
+    def _will_roll_back(self) -> bool:
+        """Whether the current local step is a look-ahead that its window's end will roll
+        back (a warm-up window triggers nothing, so its steps are real ones)."""
+        if not self._rolls_back():
+            return False
+        length = self._window_length()
+        return -(-self._count // length) * length > self._config.warmup_steps
 
     def _snapshot(self) -> dict[str, Any]:
         assert self.module is not None
@@ -366,7 +409,11 @@ class Problem(ProblemHooks):
         self._cache = None
         for p in self.trainable_parameters():
             p.grad = None
-        self._descend(self.cur_batch, step_scheduler=False)
+        self._replaying = True
+        try:
+            self._descend(self.cur_batch, step_scheduler=False)
+        finally:
+            self._replaying = False
         if self.scheduler is not None:
             self.scheduler.step()
         return True
@@ -461,6 +508,24 @@ class Problem(ProblemHooks):
         if self._precision is not None and self._precision.scaler is not None:
             state["scaler"] = self._precision.scaler.state_dict()
         return state
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped by the fp16 grad scaler (inf/NaN gradients)."""
+        return self._precision.skipped_steps if self._precision is not None else 0
+
+    def training_state(self) -> dict[str, Any]:
+        """`state_dict` plus everything else a checkpoint needs to continue this problem
+        exactly (window, accumulated gradients, roll-back cache, data position); a subclass
+        with more state extends it and `load_training_state`."""
+        from betty.checkpoint import problem_training_state
+
+        return problem_training_state(self)
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        from betty.checkpoint import load_problem_training_state
+
+        load_problem_training_state(self, state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._count = int(state.get("count", 0))
