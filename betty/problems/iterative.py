@@ -35,6 +35,12 @@ def _detach(state: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for s in state]
 
 
+def _mark_stepped(optimizer: Any) -> None:
+    """What ``optimizer.step()`` records for LR schedulers, which warn 'scheduler stepped
+    before the optimizer' otherwise: functional steps never call ``optimizer.step()``."""
+    optimizer._opt_called = True
+
+
 class IterativeProblem(Problem):
     """A level whose updates inside an unroll window are differentiable (reverse mode)."""
 
@@ -95,6 +101,10 @@ class IterativeProblem(Problem):
             return list(self._real)
         return super().trainable_parameters()
 
+    def window_parameters(self) -> list[Tensor] | None:
+        """The functional parameters of the live window (None outside a window)."""
+        return self._w
+
     # -- parameter slots -----------------------------------------------------------------
     def _swap_in(self, tensors: list[Tensor] | list[torch.nn.Parameter]) -> None:
         for param, tensor in zip(self._real, tensors):
@@ -106,6 +116,15 @@ class IterativeProblem(Problem):
         if self._w is not None:
             self._swap_in(self._real)
             self._w, self._fstate, self._acc = None, None, None
+
+    def _settle(self) -> None:
+        """Training stops: keep a partial window's progress, give the module its parameters
+        back and drop the last window's graph."""
+        if self._w is not None and self._fstate is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self._real, [w.detach() for w in self._w])
+            self._fopt.write_back(_detach(self._fstate))
+        self._end_previous_window()
 
     def _begin_window(self) -> None:
         super()._begin_window()
@@ -176,6 +195,7 @@ class IterativeProblem(Problem):
         self.grad_callback(grads)
         self._last_grads = [g.detach() for g in grads]
         new_w, new_state = self._fopt.step(self._w, grads, self._fstate)
+        _mark_stepped(self.optimizer)
         if not create_graph:
             new_w = [w.detach().requires_grad_(p.requires_grad)
                      for w, p in zip(new_w, self._real)]

@@ -3,11 +3,20 @@
 fp16 keeps a `torch.amp.GradScaler` (CPU and CUDA): the loss is scaled before the backward,
 gradients are unscaled before clipping, and a step whose gradients hold inf/NaN is skipped
 (and counted in ``skipped_steps``). bf16 needs no scaler.
+
+Finite-difference hypergradients (darts, sama) evaluate the lower loss inside
+`full_precision()`, which turns every problem's autocast off: their central difference
+``[dL/dlam(w + eps v) - dL/dlam(w - eps v)] / (2 eps)`` cancels two nearly equal gradients,
+and bf16's 8-bit mantissa (fp16's 11) rounds the activations and losses of each probe far more
+than the probe radius moves them, so under autocast the difference is mostly rounding noise.
+Second-order products (neumann, cg) do not cancel and keep the problem's autocast.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +28,21 @@ if TYPE_CHECKING:
     from betty.problems.problem import Problem
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_SWITCH = threading.local()  # .off: autocast disabled in this thread (full_precision)
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Inside this context every problem's `Precision.autocast` is a no-op (fp32 compute).
+
+    Used around finite-difference probes (see the module docstring); nests and is per thread.
+    """
+    previous = getattr(_SWITCH, "off", False)
+    _SWITCH.off = True
+    try:
+        yield
+    finally:
+        _SWITCH.off = previous
 
 
 class Precision:
@@ -37,15 +61,16 @@ class Precision:
                 growth_factor=config.scale_factor)
 
     def autocast(self) -> Any:
-        if self.dtype is None:
+        if self.dtype is None or getattr(_SWITCH, "off", False):
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def scale(self, loss: Tensor, config: Config) -> Tensor:
-        """Loss as differentiated: scaled for fp16, divided over accumulated micro-batches."""
+    def scale(self, loss: Tensor, config: Config, *, whole_step: bool = False) -> Tensor:
+        """Loss as differentiated: scaled for fp16, divided over accumulated micro-batches
+        (unless this one batch makes a whole optimizer step, as a roll-back replay does)."""
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        gas = config.gradient_accumulation
+        gas = 1 if whole_step else config.gradient_accumulation
         return loss if gas == 1 else loss / gas
 
     def step(self, problem: Problem, params: list[torch.Tensor]) -> bool:

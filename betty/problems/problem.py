@@ -300,9 +300,11 @@ class Problem(ProblemHooks):
     def compute_gradients(self, loss: Tensor) -> list[Tensor | None]:
         """Direct gradient plus the hypergradient of every path, for trainable_parameters()."""
         params = self.trainable_parameters()
+        reached = False
+        if not self._config.first_order and not self._hypergradient_seen:
+            reached = self._reverse_paths_reach(loss, params)
         direct, heads = self._direct_and_heads(loss, params)
         total = direct
-        reached = not self._config.first_order  # reverse mode: autograd went through the lowers
         for path, head in zip(self._implicit_paths(), heads):
             hyper = path_hypergradient(path, head)
             if hyper is None:
@@ -319,6 +321,24 @@ class Problem(ProblemHooks):
             )
         self._hypergradient_seen = self._hypergradient_seen or reached
         return total
+
+    def _reverse_paths_reach(self, loss: Tensor, params: list[Tensor]) -> bool:
+        """Reverse mode, checked once: does the loss reach our parameters through the
+        unrolled window of a lower on a path (not only directly)?"""
+        for path in self._paths:
+            window = getattr(path[1], "window_parameters", lambda: None)()
+            if not window or not loss.requires_grad:
+                continue
+            v = torch.autograd.grad(loss, window, retain_graph=True, allow_unused=True)
+            pairs = [(w, g) for w, g in zip(window, v) if g is not None and w.requires_grad]
+            if not pairs:
+                continue
+            back = torch.autograd.grad([w for w, _ in pairs], params,
+                                       grad_outputs=[g for _, g in pairs],
+                                       retain_graph=True, allow_unused=True)
+            if any(b is not None for b in back):
+                return True
+        return False
 
     def _implicit_paths(self) -> list[list[Problem]]:
         """Paths whose hops use implicit methods; in reverse mode (``first_order=False``)

@@ -1,0 +1,300 @@
+"""`TaskBatchedProblem`: T tasks adapted at once by one vectorised inner loop (MAML-style).
+
+The user writes ``training_step`` (and ``forward``) for ONE task, with ``self.module(x)`` as
+usual; the problem's batch holds the tasks stacked (every tensor has a leading dim T). Each
+unroll window starts every task from ``initial_parameters()`` (for MAML, the upper's
+meta-initialisation), differentiably: ``w_0 = θ`` expanded to T copies. A local step is
+
+    g = vmap(grad(task_loss))(w, batch)    # one vectorised pass over the T tasks
+    w, s = step(w, g, s)                   # the user's optimizer, read as a pure function
+
+where ``step`` is `betty.optim.functional_optimizer(optimizer)` applied to the stacked
+tensors: every supported rule is elementwise with a shared step counter, so this equals T
+separate per-task steps. ``torch.func.grad`` builds its graph, so an upper with
+``Config(first_order=False)`` back-propagates through the K steps to ``θ`` (exact MAML).
+After the window, ``self.<name>(x)`` runs ``forward`` vmapped over the tasks with their
+adapted parameters, so the upper's query loss is one line. Optimizer state starts fresh each
+window (each task is trained from scratch); BatchNorm statistics are kept per task.
+
+Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning", ICML 2017.
+
+Example:
+    >>> class Inner(TaskBatchedProblem):
+    ...     def initial_parameters(self):
+    ...         return self.meta.module          # every window starts from θ
+    ...     def training_step(self, batch):      # ONE task's support set
+    ...         x, y = batch
+    ...         return F.mse_loss(self.module(x), y)
+    >>> class Meta(ImplicitProblem):             # Config(first_order=False)
+    ...     def training_step(self, batch):      # query sets, stacked [T, n, ...]
+    ...         x, y = batch
+    ...         return F.mse_loss(self.inner(x), y)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.func import grad, vmap
+
+from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
+from betty.problems.iterative import IterativeProblem, Slot, _detach, _mark_stepped
+from betty.problems.problem import Problem
+
+if TYPE_CHECKING:
+    from betty.engine import Engine
+
+
+def task_dims(tree: Any) -> Any:
+    """vmap ``in_dims`` for a pytree: 0 (the task dim) for each tensor, None for the rest."""
+    return pytree.tree_map(lambda leaf: 0 if isinstance(leaf, Tensor) else None, tree)
+
+
+def count_tasks(owner: str, tree: Any) -> int:
+    """T, the leading dim shared by every tensor of ``tree``; a clear error otherwise."""
+    tensors = [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes:
+        raise TrainingError(
+            f"problem '{owner}': a TaskBatchedProblem takes tensors stacked per task, all "
+            f"with the same leading dimension T (the number of tasks); got shapes "
+            f"{[tuple(t.shape) for t in tensors]}. Stack each task's tensors with torch.stack"
+        )
+    return int(tensors[0].shape[0])
+
+
+class TaskBatchedProblem(IterativeProblem):
+    """A level that adapts T copies of its parameters to T tasks at once (reverse mode)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._names: list[str] = []
+        self._buffer_names: list[str] = []
+        self._buffer_real: list[Tensor] = []
+        self._buffer_slots: list[list[Slot]] = []
+        self._task_buffers: list[Tensor] | None = None
+        self._tasks = 0
+
+    # -- the hook this problem type adds ------------------------------------------------
+    def initial_parameters(self) -> torch.nn.Module | Mapping[str, Tensor] | None:
+        """Where every task's adaptation starts, read at each window start.
+
+        Return a module with this problem's parameter names (e.g. ``self.meta.module`` for
+        MAML: gradients then flow to it), or a mapping from parameter names to tensors, or
+        None (the default) for this problem's own module. Buffers come from a returned
+        module when it has them, else from this problem's module.
+        """
+        return None
+
+    # -- set-up --------------------------------------------------------------------------
+    def initialize(self, engine: Engine, device: torch.device) -> None:
+        super().initialize(engine, device)
+        forward_uppers = [p.name for p in self.parents if p.config.first_order]
+        if forward_uppers:
+            raise ConfigError(
+                f"problem '{self.name}' is a TaskBatchedProblem, differentiated only in "
+                f"reverse mode, but its uppers {forward_uppers} have first_order=True; set "
+                "Config(first_order=False) on them"
+            )
+        if self.children:
+            raise ConfigError(
+                f"problem '{self.name}' is a TaskBatchedProblem with lower problems "
+                f"{[p.name for p in self.children]}; it can only be a lower level"
+            )
+        if self._rolls_back():
+            raise ConfigError(
+                f"problem '{self.name}' is a TaskBatchedProblem, which restarts every window "
+                "from initial_parameters(), so EngineConfig.roll_back has nothing to replay; "
+                "set roll_back=False"
+            )
+        assert self.module is not None
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        self._names = [names[id(p)] for p in self._real]
+        slots: dict[int, list[Slot]] = {}
+        for full, buf in self.module.named_buffers(remove_duplicate=False):
+            owner, _, leaf = full.rpartition(".")
+            if id(buf) not in slots:
+                self._buffer_names.append(full)
+                self._buffer_real.append(buf)
+            slots.setdefault(id(buf), []).append((self.module.get_submodule(owner), leaf))
+        self._buffer_slots = [slots[id(b)] for b in self._buffer_real]
+
+    # -- window: per-task copies ---------------------------------------------------------
+    def _open_functional_state(self) -> None:
+        # T is known from the first batch only: `_descend` starts the tasks
+        self._end_previous_window()
+
+    def _begin_window(self) -> None:
+        self._open_functional_state()  # no roll-back snapshot: every window starts afresh
+
+    def _end_previous_window(self) -> None:
+        self._w = self._fstate = self._acc = self._task_buffers = None
+
+    def roll_back_step(self) -> bool:
+        return False
+
+    def _settle(self) -> None:
+        """Keep the adapted tasks after training (the module never holds them)."""
+
+    def _initial_values(self) -> tuple[list[Tensor], list[Tensor]]:
+        assert self.module is not None
+        source = self.initial_parameters()
+        source = self.module if source is None else source
+        if isinstance(source, torch.nn.Module):
+            params, buffers = dict(source.named_parameters()), dict(source.named_buffers())
+        else:
+            params, buffers = dict(source), {}
+        missing = [n for n, p in zip(self._names, self._real)
+                   if n not in params or params[n].shape != p.shape]
+        if missing:
+            raise ProblemDefinitionError(
+                f"problem '{self.name}': initial_parameters() lacks parameters {missing} of "
+                f"the shapes this problem's module has; return a module of the same "
+                "architecture (e.g. the upper's module) or a dict name -> tensor"
+            )
+        return ([params[n] for n in self._names],
+                [buffers.get(n, b) for n, b in zip(self._buffer_names, self._buffer_real)])
+
+    def _start(self, tasks: int) -> None:
+        """Window start: T copies of the initial values (a view of them: differentiable)."""
+        params, buffers = self._initial_values()
+        self._tasks = tasks
+        self._w = [p.unsqueeze(0).expand(tasks, *p.shape) for p in params]
+        self._task_buffers = [b.detach().unsqueeze(0).expand(tasks, *b.shape).clone()
+                              for b in buffers]
+        groups = [g for g in self._fopt.optimizer.param_groups for _ in g["params"]]
+        self._fstate = [self._fopt.rule.init(w, g) for w, g in zip(self._w, groups)]
+
+    @contextmanager
+    def _task_slots(self, params: Sequence[Tensor], buffers: Sequence[Tensor]
+                    ) -> Iterator[None]:
+        """The module holds one task's tensors (inside vmap) and its own ones afterwards."""
+        self._swap_in(list(params))
+        self._swap_buffers(buffers)
+        try:
+            yield
+        finally:
+            self._swap_in(self._real)
+            self._swap_buffers(self._buffer_real)
+
+    def _swap_buffers(self, buffers: Sequence[Tensor]) -> None:
+        for slots, tensor in zip(self._buffer_slots, buffers):
+            for module, name in slots:
+                module._buffers[name] = tensor
+
+    # -- one vectorised local step -------------------------------------------------------
+    def _task_gradients(self, batch: Any, differentiable: bool
+                        ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Per-task gradients ``[T, ...]`` and per-task logged values averaged over tasks."""
+        assert self._w is not None and self._task_buffers is not None
+        if count_tasks(self.name, batch) != self._tasks:
+            raise TrainingError(
+                f"problem '{self.name}': this window adapts {self._tasks} tasks but the batch "
+                f"holds {count_tasks(self.name, batch)}; keep T fixed within a window"
+            )
+        w = self._w if differentiable else [t.detach() for t in self._w]
+
+        def task_loss(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
+                      task_batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+            with self._task_slots(params, buffers):
+                loss, extras = self._loss_and_dict(task_batch)
+            return loss, {k: v.detach() for k, v in extras.items() if isinstance(v, Tensor)}
+
+        grads, logged = vmap(grad(task_loss, has_aux=True), in_dims=(0, 0, task_dims(batch)))(
+            tuple(w), tuple(self._task_buffers), batch)
+        means = {k: (v if v.is_floating_point() else v.double()).mean(0)
+                 for k, v in logged.items()}
+        return list(grads), means
+
+    def _clip(self, grads: list[Tensor]) -> list[Tensor]:
+        """Per-task global-norm clipping: each task's g * min(1, c / ||g_task||)."""
+        squares = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads])
+        factor = torch.clamp(self.config.gradient_clipping / (squares.sum(0).sqrt() + 1e-6),
+                             max=1.0)
+        return [g * factor.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
+
+    def _apply(self, grads: list[Tensor], differentiable: bool) -> None:
+        assert self._w is not None and self._fstate is not None
+        w, state = self._w, self._fstate
+        if not differentiable:
+            w, state, grads = [t.detach() for t in w], _detach(state), \
+                [g.detach() for g in grads]
+        if self.config.gradient_clipping > 0:
+            grads = self._clip(grads)
+        self.grad_callback(grads)
+        self._w, self._fstate = self._fopt.step(w, grads, state)
+        _mark_stepped(self._fopt.optimizer)
+
+    def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
+        if self._w is None:
+            self._start(count_tasks(self.name, batch))
+        differentiable = self._differentiable_now()
+        grads, loss_dict = self._task_gradients(batch, differentiable)
+        self._last_loss = loss_dict["loss"]
+        gas = self.config.gradient_accumulation
+        if gas > 1:
+            grads = [g / gas for g in grads]
+            grads = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads)]
+            self._acc = grads
+            if self._count % gas != 0:
+                return loss_dict
+            self._acc = None
+        self._apply(grads, differentiable)
+        if step_scheduler and self.scheduler is not None:
+            self.scheduler.step()
+        return loss_dict
+
+    # -- what users call -----------------------------------------------------------------
+    def adapt(self, batch: Any, *, steps: int | None = None) -> dict[str, Tensor]:
+        """Adapt to the stacked tasks of ``batch`` from ``initial_parameters()``.
+
+        Takes ``steps`` (default ``Config.unroll_steps``) vectorised steps with fresh
+        optimizer state, differentiably unless grad mode is off, and makes the result the
+        adapted state ``self(x)`` uses; the step count and scheduler do not move. For
+        evaluation on new tasks, e.g. in ``Engine.validation``.
+        """
+        self._end_previous_window()
+        self._start(count_tasks(self.name, batch))
+        differentiable = torch.is_grad_enabled()
+        for _ in range(self.config.unroll_steps if steps is None else steps):
+            self._apply(self._task_gradients(batch, differentiable)[0], differentiable)
+        return self.adapted_parameters()
+
+    def adapted_parameters(self) -> dict[str, Tensor]:
+        """Every task's current parameters by name, stacked with a leading dim T."""
+        if self._w is None:
+            raise TrainingError(
+                f"problem '{self.name}' has no adapted parameters yet: they exist from the "
+                "first local step of a window on (or after adapt(batch))"
+            )
+        return dict(zip(self._names, self._w))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` of each task's adapted model on that task's inputs (vmapped over the
+        leading dim T of every tensor argument); the output is stacked the same way."""
+        params = list(self.adapted_parameters().values())
+        assert self._task_buffers is not None
+        if count_tasks(self.name, (args, kwargs)) != self._tasks:
+            raise TrainingError(
+                f"problem '{self.name}' holds {self._tasks} adapted tasks but was called with "
+                f"{count_tasks(self.name, (args, kwargs))}; stack one input per task"
+            )
+
+        def task_forward(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
+                         a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+            with self._task_slots(params, buffers):
+                return self.forward(*a, **kw)
+
+        return vmap(task_forward, in_dims=(0, 0, task_dims(args), task_dims(kwargs)))(
+            tuple(params), tuple(self._task_buffers), args, kwargs)
+
+    def hop_loss(self) -> Tensor:
+        return Problem.hop_loss(self)  # the module's slots always hold its own parameters
+
+    def state_dict(self) -> dict[str, Any]:
+        return Problem.state_dict(self)  # the optimizer's own state is untouched by windows
