@@ -6,13 +6,14 @@ Both are dataclasses that check their fields when built, so a typo such as
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from betty.errors import ConfigError
 
 HYPERGRADIENT_TYPES = ("darts", "neumann", "cg", "sama")
 PRECISIONS = ("fp32", "fp16", "bf16")
-LOGGER_TYPES = ("none", "tensorboard", "wandb", "console")
+LOGGER_TYPES = ("none", "tensorboard", "wandb", "console", "csv")
 STRATEGIES = ("default", "cpu", "gpu", "distributed", "zero", "fsdp")
 EARLY_STOPPING_MODES = ("min", "max")
 
@@ -105,6 +106,17 @@ class EngineConfig:
     early_stopping_mode: str = "min"
     early_stopping_tolerance: int = 5
     early_stopping_metric: str = "loss"
+    checkpoint_dir: str | None = None
+    checkpoint_step: int = 0
+    resume_from: str | None = None
+    keep_checkpoints: int = 0
+    # seeing a run (docs/observability.md)
+    log_dir: str | None = None  # tensorboard/csv: <log_dir or "runs">/<run_name>; wandb: dir
+    run_name: str | None = None  # default: a time stamp; wandb: the run's name
+    progress_bar: bool = True  # tqdm over global steps; off anyway when not on a terminal
+    diagnostics: bool = False  # hypergradient norms, CG residual, Neumann radius, step times
+    # several processes (docs/distributed.md): seconds a collective waits before it fails
+    distributed_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +131,36 @@ class EngineConfig:
                 EARLY_STOPPING_MODES, "an early-stopping mode")
         _integer("EngineConfig", "early_stopping_tolerance", self.early_stopping_tolerance,
                  minimum=1)
+        _positive("EngineConfig", "distributed_timeout", self.distributed_timeout)
+        self._validate_checkpointing()
+        for name in ("log_dir", "run_name"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"EngineConfig.{name}={value!r} must be a str or None")
+        for name in ("progress_bar", "diagnostics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"EngineConfig.{name}={getattr(self, name)!r} must be True "
+                                  "or False")
+
+    def _validate_checkpointing(self) -> None:
+        """checkpoint_dir: folder of ``step_<N>.pt`` files (also where Ctrl-C saves);
+        checkpoint_step: save every N global steps (0 = off); resume_from: a checkpoint
+        path, or "latest" (the newest in checkpoint_dir; none there = start afresh);
+        keep_checkpoints: keep only the newest N in checkpoint_dir (0 = keep all)."""
+        for name in ("checkpoint_dir", "resume_from"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"EngineConfig.{name}={value!r} must be a path (str) or None")
+        _integer("EngineConfig", "checkpoint_step", self.checkpoint_step, minimum=0)
+        _integer("EngineConfig", "keep_checkpoints", self.keep_checkpoints, minimum=0)
+        needs_dir = [f"{name}={getattr(self, name)!r}"
+                     for name in ("checkpoint_step", "keep_checkpoints") if getattr(self, name)]
+        needs_dir += ["resume_from='latest'"] if self.resume_from == "latest" else []
+        if self.checkpoint_dir is None and needs_dir:
+            raise ConfigError(
+                f"EngineConfig.{needs_dir[0]} needs a folder of checkpoints; set "
+                "EngineConfig.checkpoint_dir (e.g. checkpoint_dir='checkpoints')"
+            )
 
 
 def field_names(config_type: type) -> list[str]:

@@ -8,16 +8,24 @@ limits), so chains of any depth and diamond-shaped graphs work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from betty import checkpoint
 from betty.configs import EngineConfig
+from betty.diagnostics import Diagnostics
+from betty.distributed import DISTRIBUTED_STRATEGIES, make_strategy
 from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
 from betty.graph import build_graph
-from betty.logging import format_metrics, make_logger
+from betty.logging import ProgressBar, format_metrics, learning_rates, make_logger
 from betty.problems.problem import Problem
+
+if TYPE_CHECKING:
+    from betty.visualize import ProgramPicture
 
 log = logging.getLogger("betty")
 
@@ -51,8 +59,17 @@ class Engine:
         self._best: float | None = None
         self._bad_validations = 0
         self.stopped_early = False
-        self.logger = make_logger(self.config.logger_type)
-        self.initialize()
+        self._resumed = False
+        self.diagnostics = Diagnostics(enabled=self.config.diagnostics)
+        # one process, or this rank of a torchrun group (betty.distributed); only rank 0 logs
+        self.strategy = make_strategy(self.config)
+        self.logger = make_logger(
+            self.config.logger_type if self.strategy.is_main else "none",
+            log_dir=self.config.log_dir, run_name=self.config.run_name,
+            names=[p.name for p in self.problems if isinstance(p, Problem)] + ["validation"],
+            config=self._run_config(), clock=lambda: self.global_step)
+        with self.strategy.fail_together():
+            self.initialize()
 
     # -- set-up --------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -80,20 +97,20 @@ class Engine:
         self._check_orders()
         for problem in self.problems:
             problem.initialize(self, self.device)
+        self.strategy.setup(self)  # shard data; ZeRO optimizers; FSDP modules
         self._buffers = [b for p in self.problems if p.module is not None
                          for b in p.module.buffers()]
         for problem in graph.order:
             log.debug("problem %s: uppers %s, lowers %s, paths %s", problem.name,
                       [p.name for p in problem.parents], [p.name for p in problem.children],
                       [[n.name for n in path] for path in problem.paths])
+        if log.isEnabledFor(logging.INFO):  # the program's picture, when logging is verbose
+            log.info("%s", self.graph().to_text())
 
     def _pick_device(self) -> torch.device:
         strategy = self.config.strategy
-        if strategy in ("distributed", "zero", "fsdp"):
-            raise ConfigError(
-                f"EngineConfig.strategy={strategy!r} is not available in this version; use "
-                "'default', 'cpu' or 'gpu'"
-            )
+        if strategy in DISTRIBUTED_STRATEGIES:
+            return self.strategy.device  # cuda:<LOCAL_RANK>, or the CPU
         if strategy == "gpu" and not torch.cuda.is_available():
             raise ConfigError("EngineConfig.strategy='gpu' but CUDA is not available; use "
                               "'cpu' or 'default'")
@@ -142,6 +159,21 @@ class Engine:
     def all_buffers(self) -> list[torch.Tensor]:
         return self._buffers
 
+    def graph(self) -> ProgramPicture:
+        """The program's picture: ``.to_dot()``, ``.to_mermaid()``, ``.to_text()``,
+        ``.save_png(path)`` (betty.visualize)."""
+        from betty.visualize import picture
+
+        return picture(self.problems, self.dependencies)
+
+    def _run_config(self) -> dict[str, Any]:
+        """The settings a run logger records (wandb's run config)."""
+        described: dict[str, Any] = {"engine": dataclasses.asdict(self.config)}
+        for problem in self.problems:
+            if isinstance(problem, Problem) and dataclasses.is_dataclass(problem.config):
+                described[problem.name] = dataclasses.asdict(problem.config)
+        return described
+
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> None:
         """One global step: each leaf steps once; finished windows trigger their uppers.
@@ -161,10 +193,13 @@ class Engine:
                 problem.ready[problem.children.index(trigger)] = True
                 if not all(problem.ready):
                     continue
+            started = self.diagnostics.clock()  # None unless EngineConfig.diagnostics
             if roll_back:
                 ends_window = problem.roll_back_step() and bool(problem.parents)
             else:
                 ends_window = problem.step(global_step=self.global_step)
+            if started is not None:
+                self.diagnostics.add_time(problem.name, started)
             problem.ready = [False] * len(problem.children)
             leaf_ended = leaf_ended or (problem is leaf and ends_window)
             if ends_window:
@@ -173,19 +208,83 @@ class Engine:
         return leaf_ended
 
     def run(self) -> None:
-        """Train for ``train_iters`` global steps (from the current global step)."""
+        """Train up to global step ``train_iters`` in total, from the current global step
+        (first resuming from ``EngineConfig.resume_from``, if set). With a
+        ``checkpoint_dir``, a checkpoint is saved every ``checkpoint_step`` global steps, and
+        Ctrl-C saves one at the end of the current global step before stopping."""
+        self._resume()
+        if self.stopped_early:
+            log.info("early stopping already ended this run at global step %d",
+                     self.global_step)
+            return
         self.train()
+        config = self.config
+        progress = ProgressBar(self.problems, total=config.train_iters,
+                               initial=self.global_step,
+                               enabled=config.progress_bar and self.strategy.is_main)
+        strategy = self.strategy
         try:
-            for step in range(self.global_step + 1, self.config.train_iters + 1):
-                self.global_step = step
-                self.train_step()
-                if step % self.config.valid_step == 0 and self._has_validation():
-                    if self._validate():
-                        self.stopped_early = True
+            with checkpoint.deferred_interrupt(config.checkpoint_dir is not None) as stop, \
+                    strategy.fail_together():
+                for step in range(self.global_step + 1, config.train_iters + 1):
+                    self.global_step = step
+                    with strategy.step_context(self):
+                        self.train_step()
+                    if step % config.valid_step == 0 and self._has_validation():
+                        self.stopped_early = self._validate()
+                    self._end_step(progress)
+                    # several processes stop together: one rank's Ctrl-C stops them all
+                    if config.checkpoint_dir is not None and strategy.any(stop()):
+                        log.warning("interrupted: checkpoint saved to %s",
+                                    self.save_checkpoint())
+                        raise KeyboardInterrupt
+                    if config.checkpoint_step and step % config.checkpoint_step == 0:
+                        self.save_checkpoint()
+                    if self.stopped_early:
                         log.info("early stopping at global step %d", step)
                         break
+                strategy.barrier()  # no rank leaves (and closes its connections) early
         finally:
+            for problem in self.problems:
+                problem._settle()
+            progress.close()
             self.logger.close()
+
+    def _end_step(self, progress: ProgressBar) -> None:
+        """After a global step and its validation: emit the step's diagnostics and logged
+        records (one host read, one call per logger backend), advance the progress bar."""
+        self.diagnostics.end_step(self.logger, self.global_step)
+        self.logger.flush()
+        progress.update()
+
+    # -- checkpoints (betty.checkpoint) --------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Atomically write everything needed to continue exactly as if never stopped;
+        ``path`` defaults to ``<checkpoint_dir>/step_<global_step>.pt``. Returns the path.
+        Several processes: every rank calls it; rank 0 writes, the others wait."""
+        self.strategy.prepare_checkpoint(self)  # ZeRO: gather optimizer state on rank 0
+        return self.strategy.run_on_main(lambda: checkpoint.save(self, path))
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore this engine (built for the same program) from a checkpoint; `run` then
+        continues from its global step up to ``train_iters``."""
+        checkpoint.load(self, path)
+        self._resumed = True
+
+    def _resume(self) -> None:
+        source = self.config.resume_from
+        if source is None or self._resumed:
+            return
+        self._resumed = True
+        if source == "latest":
+            assert self.config.checkpoint_dir is not None
+            path = checkpoint.latest_checkpoint(self.config.checkpoint_dir)
+            if path is None:
+                log.info("no checkpoint in %s yet: training from global step %d",
+                         self.config.checkpoint_dir, self.global_step)
+                return
+            source = path
+        self.load_checkpoint(source)
 
     def _has_validation(self) -> bool:
         return type(self).validation is not Engine.validation
@@ -196,6 +295,11 @@ class Engine:
         return None
 
     def _validate(self) -> bool:
+        """Validation (rank 0 only when several processes run, see `Strategy.validate`);
+        True if early stopping ends the run (the same answer on every rank)."""
+        return self.strategy.validate(self, self._validate_here)
+
+    def _validate_here(self) -> bool:
         self.eval()
         stats = self.validation() or {}
         self.train()
@@ -221,6 +325,15 @@ class Engine:
         return self._bad_validations >= self.config.early_stopping_tolerance
 
     def log_metrics(self, name: str, metrics: dict[str, Any], step: int | None) -> None:
+        """Log a problem's loss dict (called at its ``Config.log_step``) with its learning
+        rates (``lr``, or ``lr/<group>``); values are read from the device at the end of the
+        global step."""
+        if not self.logger.active:
+            return
+        problem = self.__dict__.get(name)
+        if isinstance(problem, Problem) and problem.optimizer is not None:
+            rates = learning_rates(problem.optimizer)
+            metrics = {**metrics, **{k: v for k, v in rates.items() if k not in metrics}}
         self.logger.log(metrics, tag=name, step=step)
 
     def train(self) -> None:

@@ -7,6 +7,7 @@ never read a tensor value on the host, so they add no CPU-GPU synchronisation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -40,12 +41,24 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
 
 
-def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None
-             ) -> Vector:
+@overload
+def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
+             return_residual: Literal[False] = False) -> Vector: ...
+
+
+@overload
+def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
+             return_residual: Literal[True]) -> tuple[Vector, Tensor]: ...
+
+
+def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
+             return_residual: bool = False) -> Vector | tuple[Vector, Tensor]:
     """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite.
 
     Runs exactly ``iterations`` steps. Once the residual vanishes the step sizes become 0, so
-    more iterations than dimensions return the solution instead of NaN.
+    more iterations than dimensions return the solution instead of NaN. With
+    ``return_residual``, also returns the final residual norm ``||b - A x||`` (CG's recursive
+    residual, a 0-d tensor; no extra matrix-vector product).
     """
     b = list(b)
     x = [torch.zeros_like(t) for t in b] if x0 is None else list(x0)
@@ -61,6 +74,8 @@ def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector
         beta = _safe_div(rr_new, rr)
         p = axpy(beta, p, r)
         rr = rr_new
+    if return_residual:
+        return x, torch.sqrt(rr)
     return x
 
 
@@ -76,3 +91,18 @@ def neumann_series(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, alph
         term = axpy(-alpha, matvec(term), term)
         total = torch._foreach_add(total, term)
     return torch._foreach_mul(total, alpha)
+
+
+def spectral_radius(matvec: MatVec, x0: Sequence[Tensor], *, iterations: int) -> Tensor:
+    """Estimate of the largest ``|eigenvalue|`` of a symmetric ``A``: ``||A x_K||`` after ``K``
+    power iterations ``x_{k+1} = A x_k / ||A x_k||`` from ``x0`` normalised (a 0-d tensor).
+
+    It approaches the radius from below, along the eigenvectors ``x0`` has components on.
+    """
+    x = torch._foreach_div(list(x0), torch.clamp_min(norm(x0), torch.finfo(x0[0].dtype).tiny))
+    estimate = torch.zeros((), dtype=x0[0].dtype, device=x0[0].device)
+    for _ in range(iterations):
+        y = matvec(x)
+        estimate = norm(y)
+        x = torch._foreach_div(y, torch.clamp_min(estimate, torch.finfo(estimate.dtype).tiny))
+    return estimate

@@ -15,12 +15,23 @@ from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector
-from betty.linalg import solve_cg
+from betty.linalg import norm, solve_cg
 
 
 def cg(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
-    """CG hop: ``-M * solve_cg(cg_alpha * H, cg_alpha * v)``."""
+    """CG hop: ``-M * solve_cg(cg_alpha * H, cg_alpha * v)``; with diagnostics on, reports
+    the relative residual ``||v - H x|| / ||v||`` as ``cg_residual``."""
     alpha = config.cg_alpha
-    x = solve_cg(lambda p: torch._foreach_mul(hop.hvp(p), alpha),
-                 torch._foreach_mul(list(v), alpha), iterations=config.cg_iterations)
+
+    def matvec(p: list[Tensor]) -> list[Tensor]:
+        return torch._foreach_mul(hop.hvp(p), alpha)
+
+    b = torch._foreach_mul(list(v), alpha)
+    if hop.report is None:
+        x = solve_cg(matvec, b, iterations=config.cg_iterations)
+    else:
+        x, residual = solve_cg(matvec, b, iterations=config.cg_iterations,
+                               return_residual=True)
+        tiny = torch.finfo(residual.dtype).tiny
+        hop.report("cg_residual", residual / torch.clamp_min(norm(b), tiny))
     return [None if m is None else torch.neg(m) for m in hop.mixed(x)]

@@ -6,12 +6,14 @@ w.r.t. the next problem's parameters with ``L_i``'s own `Config.type`. Several p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from betty.diagnostics import active_diagnostics, path_label
+from betty.distributed.strategy import strategy_of
 from betty.hypergradient import METHODS, Hop, OptionalVector
 
 if TYPE_CHECKING:
@@ -25,16 +27,24 @@ def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> list[Tensor] | No
     return [torch.zeros_like(p) if t is None else t for t, p in zip(v, like)]
 
 
-def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor]) -> OptionalVector:
-    """Contribution of ``v`` (w.r.t. ``lower``'s parameters) to ``upper``'s parameters."""
+def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
+                report: Callable[[str, Tensor], None] | None = None) -> OptionalVector:
+    """Contribution of ``v`` (w.r.t. ``lower``'s parameters) to ``upper``'s parameters;
+    the method reports its diagnostics to ``report`` (None: diagnostics off)."""
     if hasattr(lower, "reverse_hop"):
         custom = lower.reverse_hop(upper, v)  # reverse mode through an unrolled window
         if custom is not NotImplemented:
             return custom
+    from betty.problems.precision import full_precision  # lazy: betty.problems imports us
+
     method = METHODS[lower.config.type]
+    strategy = strategy_of(lower)
     hop = Hop(lower.trainable_parameters(), upper.trainable_parameters(),
-              lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices())
+              lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices(),
+              probe_context=full_precision,
+              average=None if strategy.world_size == 1 else strategy.all_average)
     hop.update_jacobian = lower.update_jacobian
+    hop.report = report
     with hop:
         return method(hop, v, lower.config)
 
@@ -42,9 +52,22 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor]) -> Optional
 def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tensor] | None:
     """Product of the hops along ``path`` applied to ``v`` (w.r.t. ``path[1]``'s
     parameters); ``None`` when the path carries nothing (an unused link)."""
+    owner = path[0]
+    diagnostics = active_diagnostics(owner.engine)
     vec = _materialize(v, path[1].trainable_parameters())
-    for lower, upper in zip(path[1:-1], path[2:]):
+    hops = list(zip(path[1:-1], path[2:]))
+    for i, (lower, upper) in enumerate(hops):
         if vec is None:
             return None
-        vec = _materialize(hop_through(lower, upper, vec), upper.trainable_parameters())
+        report = None if diagnostics is None else diagnostics.reporter(owner.name, lower.name)
+        vec = _materialize(hop_through(lower, upper, vec, report=report),
+                           upper.trainable_parameters())
+        if vec is not None and i < len(hops) - 1:
+            # several processes: the next hop needs the global vector (its probe radius and
+            # solver are nonlinear in it); the last hop's output is averaged by the caller,
+            # together with the problem's own gradient
+            vec = strategy_of(lower).all_average(vec)
+    if diagnostics is not None and vec is not None:
+        label = path_label([p.name for p in path])
+        diagnostics.record_norm(owner.name, f"implicit_norm/{label}", vec)
     return vec

@@ -9,13 +9,16 @@ the next problem up the path), a `Hop` offers
 
 Every loss evaluation here runs with the same random-number state (dropout draws the same
 mask for each probe), leaves the user's random stream, module buffers (BatchNorm running
-statistics) and lower parameters exactly as they were.
+statistics) and lower parameters exactly as they were. The finite-difference probes run inside
+``probe_context`` (the engine passes `betty.problems.precision.full_precision`, so that a
+bf16/fp16 problem's probes are evaluated in fp32: the difference of two probes cancels, and
+low-precision rounding would swamp it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -50,15 +53,24 @@ class Hop:
 
     def __init__(self, lower_params: Sequence[Tensor], upper_params: Sequence[Tensor],
                  loss_fn: Callable[[], Tensor], buffers: Sequence[Tensor] = (),
-                 devices: Sequence[int] = ()) -> None:
+                 devices: Sequence[int] = (),
+                 probe_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                 average: Callable[[list[Tensor]], list[Tensor]] | None = None) -> None:
         self.w = list(lower_params)
         self.lam = list(upper_params)
         self._loss_fn = loss_fn
         self._buffers = list(buffers)
         self._devices = list(devices)
+        self._probe_context = probe_context
+        # mean over ranks (betty.distributed): H x is averaged so that every rank's solver
+        # iterates stay those of one process on the union batch; None = one process
+        self._average = average
         self._grad_w: tuple[Tensor, ...] | None = None
         # diagonal dU/dg of the lower optimizer's update, for optimizer-aware methods (sama)
         self.update_jacobian: Callable[[], list[Tensor]] | None = None
+        # where methods report diagnostics (key, 0-d tensor); None = diagnostics off, so a
+        # method must not spend anything on them (betty.diagnostics)
+        self.report: Callable[[str, Tensor], None] | None = None
         self._state: Any = None
         self._rewind: Callable[[], None] | None = None
 
@@ -89,7 +101,8 @@ class Hop:
         g = self._gradient_graph()
         out = torch.autograd.grad(g, self.w, grad_outputs=list(x), retain_graph=True,
                                   allow_unused=True, materialize_grads=True)
-        return [t.detach() for t in out]
+        hx = [t.detach() for t in out]
+        return hx if self._average is None else self._average(hx)
 
     def mixed(self, x: Sequence[Tensor]) -> OptionalVector:
         """``d/dlam <dL/dw, x>``; ``None`` for upper parameters the loss does not reach."""
@@ -109,16 +122,18 @@ class Hop:
             origin = [p.detach().clone() for p in self.w]
         results: list[OptionalVector] = []
         try:
-            for s in scales:
-                with torch.no_grad():
-                    torch._foreach_copy_(self.w, torch._foreach_add(
-                        origin, torch._foreach_mul(list(direction), s)))
-                loss = self._loss()
-                if not loss.requires_grad:
-                    results.append([None] * len(self.lam))
-                    continue
-                grads = torch.autograd.grad(loss, self.lam, allow_unused=True)
-                results.append([None if g is None else g.detach() for g in grads])
+            with self._probe_context():
+                for s in scales:
+                    with torch.no_grad():  # w = origin + s * direction, one temporary
+                        torch._foreach_copy_(self.w, origin)
+                        torch._foreach_add_(self.w, torch._foreach_mul(list(direction), s))
+                    loss = self._loss()
+                    grads = (torch.autograd.grad(loss, self.lam, allow_unused=True)
+                             if loss.requires_grad else (None,) * len(self.lam))
+                    # The backward to lam skips the nodes that only lead to w, so their saved
+                    # activations live as long as the graph: drop it before the next forward.
+                    del loss
+                    results.append([None if g is None else g.detach() for g in grads])
         finally:
             if restore:
                 with torch.no_grad():

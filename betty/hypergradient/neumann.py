@@ -14,11 +14,18 @@ from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector
-from betty.linalg import neumann_series
+from betty.linalg import axpy, neumann_series, spectral_radius
+
+POWER_ITERATIONS = 8  # diagnostics only: Hessian-vector products to estimate the radius
 
 
 def neumann(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
-    """Neumann hop: ``-M * neumann_series(H, v)``."""
-    x = neumann_series(hop.hvp, v, iterations=config.neumann_iterations,
-                       alpha=config.neumann_alpha)
+    """Neumann hop: ``-M * neumann_series(H, v)``; with diagnostics on, reports an estimate
+    of the spectral radius of ``I - alpha H`` (< 1 iff the series converges on ``v``) as
+    ``neumann_rho``."""
+    alpha = config.neumann_alpha
+    x = neumann_series(hop.hvp, v, iterations=config.neumann_iterations, alpha=alpha)
+    if hop.report is not None:
+        hop.report("neumann_rho", spectral_radius(lambda p: axpy(-alpha, hop.hvp(p), p), v,
+                                                  iterations=POWER_ITERATIONS))
     return [None if m is None else torch.neg(m) for m in hop.mixed(x)]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from betty.distributed.strategy import strategy_of
 from betty.errors import ConfigError, ProblemDefinitionError
 from betty.hypergradient.chain import path_hypergradient
 from betty.optim import functional_optimizer
@@ -159,13 +160,17 @@ class IterativeProblem(Problem):
             flat = [p for head in head_params for p in head]
             got = iter(torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True))
             heads = [[next(got) for _ in head] for head in head_params]
+        strategy = strategy_of(self)  # several processes: one all-reduce for all heads
+        heads = strategy.average_nested(heads)
         grads = list(torch.autograd.grad(loss, self._w, create_graph=create_graph,
                                          allow_unused=True, materialize_grads=True))
         for path, head in zip(paths, heads):
             hyper = path_hypergradient(path, head)
             if hyper is not None:
                 grads = [g + h for g, h in zip(grads, hyper)]
-        return grads
+        # one all-reduce; inside the graph in reverse mode, so that back-propagation through
+        # the update also averages the upper's gradients over the ranks
+        return strategy.all_average(grads, differentiable=create_graph)
 
     def _clip(self, grads: list[Tensor]) -> list[Tensor]:
         """Differentiable global-norm clipping: g * min(1, c / ||g||)."""

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from betty.configs import Config
+from betty.diagnostics import active_diagnostics
+from betty.distributed.strategy import strategy_of
 from betty.errors import ConfigError, HypergradientError, ProblemDefinitionError, TrainingError
 from betty.hypergradient.chain import path_hypergradient
 from betty.problems.data import BatchSource, move_to
@@ -304,6 +306,11 @@ class Problem(ProblemHooks):
         if not self._config.first_order and not self._hypergradient_seen:
             reached = self._reverse_paths_reach(loss, params)
         direct, heads = self._direct_and_heads(loss, params)
+        strategy = strategy_of(self)  # several processes: one all-reduce for all heads
+        heads = strategy.average_nested(heads)
+        diagnostics = active_diagnostics(self._engine)
+        if diagnostics is not None and self._paths:  # EngineConfig.diagnostics
+            diagnostics.record_norm(self._name, "direct_norm", direct)
         total = direct
         for path, head in zip(self._implicit_paths(), heads):
             hyper = path_hypergradient(path, head)
@@ -320,7 +327,7 @@ class Problem(ProblemHooks):
                 f"'{self._name}'. Fix training_step or dependencies['u2l']"
             )
         self._hypergradient_seen = self._hypergradient_seen or reached
-        return total
+        return strategy.average_optional(total)  # one all-reduce: direct + hypergradients
 
     def _reverse_paths_reach(self, loss: Tensor, params: list[Tensor]) -> bool:
         """Reverse mode, checked once: does the loss reach our parameters through the
@@ -441,16 +448,14 @@ class Problem(ProblemHooks):
     def update_jacobian(self) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
         and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
-        from betty.optim import update_jacobian_diag
-
         params = self.trainable_parameters()
         if self.optimizer is None:
             return [torch.zeros_like(p) for p in params]
         own = [p for group in self.optimizer.param_groups for p in group["params"]]
         last = {id(p): g for p, g in zip(params, self._last_grads)}
-        try:
-            diag = update_jacobian_diag(self.optimizer, own,
-                                        [last.get(id(p), torch.zeros_like(p)) for p in own])
+        try:  # the strategy reads sharded optimizer state (ZeRO) where it must
+            diag = strategy_of(self).update_jacobian_diag(
+                self.optimizer, own, [last.get(id(p), torch.zeros_like(p)) for p in own])
         except TypeError as err:
             raise HypergradientError(f"problem '{self._name}' (Config.type='sama'): {err}") \
                 from None
@@ -460,8 +465,9 @@ class Problem(ProblemHooks):
     def accumulate(self, grads: list[Tensor | None]) -> None:
         """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
         params = self.trainable_parameters()
-        self._last_grads = [torch.zeros_like(p) if g is None else g.detach()
-                            for p, g in zip(params, grads)]
+        if self._config.type == "sama":  # only sama's P reads it; it holds a gradient's memory
+            self._last_grads = [torch.zeros_like(p) if g is None else g.detach()
+                                for p, g in zip(params, grads)]
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -492,10 +498,11 @@ class Problem(ProblemHooks):
 
     def run_optimizer(self) -> None:
         """``custom_optimizer_step`` if overridden, else ``optimizer.step()``."""
-        if _overrides(self, "custom_optimizer_step", ProblemHooks):
-            self.custom_optimizer_step()
-        elif self.optimizer is not None:
-            self.optimizer.step()
+        with strategy_of(self).optimizer_step(self):  # FSDP: gradients to the shards
+            if _overrides(self, "custom_optimizer_step", ProblemHooks):
+                self.custom_optimizer_step()
+            elif self.optimizer is not None:
+                self.optimizer.step()
 
     def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> bool:
         log_step = self._config.log_step

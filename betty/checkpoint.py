@@ -1,0 +1,376 @@
+"""Checkpoints: atomic save, safe load and exact resume of a whole `Engine`.
+
+A checkpoint is one ``torch.save`` file holding everything needed to continue as if training
+had never stopped: per problem its module, optimizer, scheduler and grad scaler state, step
+counter, unroll-window and readiness flags, gradients accumulated so far, roll-back cache,
+current batch and data-loader position; for the engine its global step and early-stopping
+state; and the random states of torch (CPU and CUDA), numpy and Python.
+
+* Writes are atomic: a temporary file in the same folder, flushed and fsynced, then renamed
+  over the target, so a crash mid-write leaves the previous checkpoint intact.
+* Loads are safe: every zip record's CRC is checked first (a truncated or corrupt file is
+  refused), then ``torch.load(..., weights_only=True)`` unpickles plain data only, and a
+  checkpoint of another program (other problem names or parameter shapes) is refused.
+* Ctrl-C: while `Engine.run` trains with checkpointing on, a first SIGINT only sets a flag;
+  the engine saves a checkpoint at the end of the current global step and then raises
+  `KeyboardInterrupt`. A second Ctrl-C stops at once, without saving.
+
+Example:
+    >>> engine = Engine(problems, EngineConfig(train_iters=10_000, checkpoint_dir="ckpt",
+    ...                 checkpoint_step=500, resume_from="latest"), dependencies=deps)
+    >>> engine.run()                       # resumes from ckpt/step_<N>.pt when one exists
+    >>> engine.save_checkpoint("final.pt")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import random
+import re
+import signal
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from betty.errors import BettyError
+
+if TYPE_CHECKING:
+    from betty.engine import Engine
+    from betty.problems.problem import Problem
+
+log = logging.getLogger("betty")
+
+FORMAT = "betty-checkpoint"
+VERSION = 1
+_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(BettyError, RuntimeError):
+    """A checkpoint cannot be written, read, or used for this program."""
+
+
+# -- random states ---------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Random states of torch (CPU, and CUDA once initialised), numpy and Python."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for the random state
+        return state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = (kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("checkpoint holds %d CUDA random states for %d visible devices; "
+                        "restoring the first ones", len(cuda), torch.cuda.device_count())
+        for device, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` wants the nested tuples it gave, not lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# -- one problem -----------------------------------------------------------------------
+def problem_training_state(problem: Problem) -> dict[str, Any]:
+    """What `Problem.training_state` returns (module, optimizer, ... data position)."""
+    params = problem.trainable_parameters()
+    source = problem._source
+    precision = problem._precision
+    return {
+        "state": problem.state_dict(),
+        "window_start": problem._window_start,
+        "ready": list(problem.ready),
+        "hypergradient_seen": problem._hypergradient_seen,
+        "roll_back_cache": problem._cache,
+        "grads": [None if p.grad is None else p.grad.detach() for p in params],
+        "cur_batch": _plain_batch(problem),
+        "data": None if source is None else source.state_dict(),
+        "skipped_steps": 0 if precision is None else precision.skipped_steps,
+    }
+
+
+def load_problem_training_state(problem: Problem, state: dict[str, Any]) -> None:
+    """Inverse of `problem_training_state`; replays the data loaders to their positions."""
+    from betty.problems.data import move_to
+
+    problem.load_state_dict(state["state"])
+    problem._window_start = bool(state["window_start"])
+    problem.ready = [bool(r) for r in state["ready"]]
+    problem._hypergradient_seen = bool(state["hypergradient_seen"])
+    problem._cache = move_to(state["roll_back_cache"], problem._device)
+    for p, grad in zip(problem.trainable_parameters(), state["grads"]):
+        p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
+    problem.cur_batch = move_to(state["cur_batch"], problem._device)
+    if problem._source is not None and state["data"] is not None:
+        problem._source.load_state_dict(state["data"])
+    if problem._precision is not None:
+        problem._precision.skipped_steps = int(state["skipped_steps"])
+
+
+def _plain_batch(problem: Problem) -> Any:
+    """The current batch if ``weights_only`` loading can rebuild it, else ``None``."""
+    batch = problem.cur_batch
+    if _is_plain(batch):
+        return batch
+    log.warning("problem '%s': its current batch (a %s) is not made of tensors, numbers, "
+                "strings, lists, tuples and dicts, so the checkpoint leaves it out; a "
+                "hypergradient hop through '%s' before its next step would see no batch",
+                problem.name, type(batch).__name__, problem.name)
+    return None
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes)):
+        return True
+    if type(value) in (list, tuple):
+        return all(_is_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+# -- the program's identity ------------------------------------------------------------
+def signature(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per problem: its class, and the names and shapes of its module's state."""
+    out: dict[str, dict[str, Any]] = {}
+    for problem in engine.problems:
+        module = problem.module.state_dict() if problem.module is not None else {}
+        out[problem.name] = {
+            "class": type(problem).__name__,
+            "module": {k: list(v.shape) for k, v in module.items()
+                       if isinstance(v, torch.Tensor)},
+            "trainable": [list(p.shape) for p in problem.trainable_parameters()],
+        }
+    return out
+
+
+def _check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    if sorted(saved) != sorted(current):
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another program: it has problems {sorted(saved)}, "
+            f"this program has {sorted(current)}"
+        )
+    problems: list[str] = []
+    for name in sorted(current):
+        old, new = saved[name], current[name]
+        diffs = [f"{key}: {old['module'].get(key)} in the checkpoint, {shape} here"
+                 for key, shape in new["module"].items() if old["module"].get(key) != shape]
+        diffs += [f"{key}: in the checkpoint only" for key in old["module"]
+                  if key not in new["module"]]
+        if old["trainable"] != new["trainable"] and not diffs:
+            diffs.append(f"trainable parameter shapes {old['trainable']} in the checkpoint, "
+                         f"{new['trainable']} here")
+        if diffs:
+            problems.append(f"problem '{name}': " + "; ".join(diffs[:4]) +
+                            (f"; ... ({len(diffs)} differences)" if len(diffs) > 4 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this program's shapes: " +
+                              " | ".join(problems))
+
+
+# -- the whole engine ------------------------------------------------------------------
+def engine_state(engine: Engine) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": str(torch.__version__),
+        "global_step": engine.global_step,
+        "early_stopping": {"best": engine._best, "bad_validations": engine._bad_validations,
+                           "stopped": engine.stopped_early},
+        "signature": signature(engine),
+        "problems": {p.name: p.training_state() for p in engine.problems},
+        "rng": rng_state(),
+    }
+
+
+def save(engine: Engine, path: str | os.PathLike[str] | None = None) -> str:
+    """Write the engine's checkpoint to ``path`` (default: ``<checkpoint_dir>/step_<N>.pt``,
+    then keep only the newest ``keep_checkpoints`` there). Returns the path written."""
+    directory = engine.config.checkpoint_dir
+    if path is None:
+        if directory is None:
+            raise CheckpointError("save_checkpoint() needs a path, or "
+                                  "EngineConfig.checkpoint_dir to name one")
+        path = checkpoint_path(directory, engine.global_step)
+    path = os.fspath(path)
+    atomic_save(engine_state(engine), path)
+    log.info("checkpoint of global step %d saved to %s", engine.global_step, path)
+    if directory is not None and engine.config.keep_checkpoints > 0 and \
+            os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
+        prune(directory, engine.config.keep_checkpoints)
+    return path
+
+
+def load(engine: Engine, path: str | os.PathLike[str]) -> None:
+    """Restore ``engine`` (built for the same program) to the checkpoint at ``path``."""
+    path = os.fspath(path)
+    state = safe_load(path)
+    _check_signature(state["signature"], signature(engine), path)
+    for problem in engine.problems:
+        problem.load_training_state(state["problems"][problem.name])
+    engine.global_step = int(state["global_step"])
+    stopping = state["early_stopping"]
+    engine._best = stopping["best"]
+    engine._bad_validations = int(stopping["bad_validations"])
+    engine.stopped_early = bool(stopping["stopped"])
+    set_rng_state(state["rng"])  # last: replaying the data loaders moved the random state
+    log.info("resumed from %s at global step %d", path, engine.global_step)
+
+
+# -- files -----------------------------------------------------------------------------
+def checkpoint_path(directory: str | os.PathLike[str], global_step: int) -> str:
+    return os.path.join(os.fspath(directory), f"step_{global_step:08d}.pt")
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """``(global step, path)`` of each ``step_<N>.pt`` in ``directory``, oldest first."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), os.path.join(directory, name))
+             for name in os.listdir(directory) if (m := _FILE.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def prune(directory: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints in ``directory``."""
+    for _, path in list_checkpoints(directory)[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f, _crc32_on():
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    """Make sure ``torch.save`` writes the CRCs `safe_load` checks."""
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    save_config = getattr(config, "save", None)
+    if save_config is None or not hasattr(save_config, "compute_crc32"):
+        yield
+        return
+    before = save_config.compute_crc32
+    save_config.compute_crc32 = True
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = before
+
+
+def _fsync_directory(directory: str) -> None:
+    """Persist the rename itself (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_load(path: str) -> dict[str, Any]:
+    """Check every record's CRC, then ``torch.load(weights_only=True)`` on the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or is not a checkpoint "
+                              f"({err}); use an earlier one") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (record {bad} fails its CRC "
+                              "check); use an earlier one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        why = next((line.strip() for line in lines if "Unpickler error" in line), lines[0])
+        raise CheckpointError(
+            f"checkpoint {path} holds objects that cannot be loaded safely "
+            f"(torch.load with weights_only=True): {why}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a betty checkpoint (save one with "
+                              "Engine.save_checkpoint)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}; "
+                              f"this betty reads version {VERSION}")
+    return state
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """While active, a first SIGINT (Ctrl-C) only sets a flag, read by the yielded function;
+    a second one raises `KeyboardInterrupt` at once. Inactive (the flag stays False) when not
+    ``enabled``, off the main thread, or when SIGINT already has a non-default handler."""
+    hit = [False]
+    usable = (enabled and threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if not usable:
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if hit[0]:
+            raise KeyboardInterrupt
+        hit[0] = True
+        log.warning("Ctrl-C: saving a checkpoint at the end of this global step, then "
+                    "stopping (press Ctrl-C again to stop at once without saving)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: hit[0]
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1,0 +1,72 @@
+"""Console lines through Python's ``logging`` under the ``betty`` logger name.
+
+One line per record (a problem, or ``validation``, at one step), aligned in columns::
+
+    step     120 | inner      | loss=0.693147    acc=0.5         lr=0.1
+    step     120 | outer      | loss=0.25        lr=0.001
+    local     12 | meta       | loss=1.5                       (Config.log_local_step)
+
+Users configure it like any logger, e.g. ``logging.getLogger("betty").setLevel("INFO")``.
+Nothing is formatted (and no tensor is read) unless that logger is enabled for INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from betty.logging.base import Record, format_value
+
+log = logging.getLogger("betty")
+
+VALUE_WIDTH = 11  # fits "%.6g" of most floats, e.g. -1.23457e-05
+_HANDLER_MARK = "_betty_console"
+
+
+def ensure_console_output() -> None:
+    """Make INFO lines of the ``betty`` logger visible, unless the user configured logging.
+
+    Adds a stderr handler only when no handler would receive the lines (no handler on
+    ``betty`` or an ancestor, e.g. none from ``logging.basicConfig``), and lowers the level to
+    INFO only when the ``betty`` logger has no level of its own.
+    """
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        setattr(handler, _HANDLER_MARK, True)
+        log.addHandler(handler)
+
+
+class ConsoleLogger:
+    """One aligned line per record, at INFO level on the ``betty`` logger."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self.order = {name: i for i, name in enumerate(names)}  # lines of a step in this order
+        self.name_width = max([10, *(len(n) for n in self.order)])
+        self.step_width = 6
+
+    @staticmethod
+    def enabled() -> bool:
+        return log.isEnabledFor(logging.INFO)
+
+    def line(self, record: Record, *, global_step: int) -> str:
+        step = global_step if record.step is None else record.step
+        self.step_width = max(self.step_width, len(str(step)))
+        self.name_width = max(self.name_width, len(record.tag))
+        where = "local" if step != global_step else "step"  # Config.log_local_step
+        cells = [f"{key}={format_value(value):<{VALUE_WIDTH}}"
+                 for key, value in record.metrics.items()]
+        return (f"{where:<5} {step:>{self.step_width}} | {record.tag:<{self.name_width}} | "
+                + " ".join(cells)).rstrip()
+
+    def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        if not self.enabled():
+            return
+        last = len(self.order)
+        for record in sorted(records, key=lambda r: self.order.get(r.tag, last)):
+            log.info("%s", self.line(record, global_step=global_step))
+
+    def close(self) -> None:
+        pass

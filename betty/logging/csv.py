@@ -1,0 +1,60 @@
+"""CSV: one row per logged global step; columns ``step`` then ``<source>/<key>``.
+
+The header is the union of every key seen so far: when a new key appears the file is
+rewritten with the wider header (earlier rows get empty cells), otherwise a row is appended.
+An existing file of the same run (a second `Engine.run`, a resumed run) is continued.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from betty.logging.base import Record
+
+
+class CSVLogger:
+    """Writes ``<run folder>/metrics.csv``; ``path`` is the file's full name."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.columns: list[str] = ["step"]
+        self.rows: list[dict[str, Any]] = []
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):
+            with open(path, newline="") as file:
+                reader = csv.DictReader(file)
+                self.columns = list(reader.fieldnames or self.columns)
+                self.rows = list(reader)
+        self._rewrite()
+
+    def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        row: dict[str, Any] = {"step": global_step}
+        for record in records:
+            for key, value in record.metrics.items():
+                row[f"{record.tag}/{key}"] = value
+            if record.step is not None and record.step != global_step:
+                row[f"{record.tag}/step"] = record.step
+        self.rows.append(row)
+        new = [key for key in row if key not in self.columns]
+        if new:
+            self.columns.extend(new)
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as file:
+            csv.DictWriter(file, self.columns, restval="").writerow(row)
+
+    def _rewrite(self) -> None:
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,336 @@
+"""Checkpoints (`betty.checkpoint`): exact resume, atomic writes, checked loads, Ctrl-C.
+
+Reference for exact resume: the same program trained for 2N global steps without stopping.
+A run of N steps, saved, then resumed in a fresh Python process for N more must end with
+bitwise-identical parameters, optimizer, scheduler and scaler states, step counters, data
+positions and early-stopping state. The program has what makes this hard: shuffled
+DataLoaders (one on torch's global generator, one on its own), dropout, numpy and Python
+random draws, LR schedulers, an unroll window and a checkpoint in the middle of an epoch and
+of a window (and, in some variants, of gradient accumulation and of a roll-back window).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from betty import Engine
+from betty.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from betty.configs import Config, EngineConfig
+from betty.errors import ConfigError
+from betty.problems import ImplicitProblem, IterativeProblem
+
+N = 7  # the checkpoint's global step: mid-epoch, mid-window
+HIDDEN = 16
+
+
+def _lower_step(self: Any, batch: Any) -> torch.Tensor:
+    x, y = batch
+    interrupt = (self.cfg or {}).get("interrupt_at")
+    if interrupt is not None and self.engine.global_step == interrupt[0]:
+        for _ in range(interrupt[1]):  # as Ctrl-C does: SIGINT to the main thread
+            signal.raise_signal(signal.SIGINT)
+        self.cfg = None
+    noise = torch.from_numpy(np.random.randn(*x.shape)).float() * 0.01
+    loss = F.cross_entropy(self.module(x + noise), y) * (1 + 0.01 * random.random())
+    layers = [self.module[0].weight, self.module[3].weight]
+    reg = sum(F.softplus(lam) * (w**2).sum() for lam, w in zip(self.upper.module.lam, layers))
+    return loss + 1e-2 * reg
+
+
+class Upper(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.lower(x), y)
+
+
+class Hyper(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lam = torch.nn.Parameter(torch.zeros(2))
+
+
+class ValidatedEngine(Engine):
+    """Validation without randomness; early stopping on, with a tolerance never reached."""
+
+    def validation(self) -> dict[str, Any]:
+        x, y = self.valid_data
+        with torch.no_grad():
+            return {"loss": F.cross_entropy(self.lower(x), y)}
+
+
+def _lower_kinds() -> dict[str, type]:
+    return {"implicit": ImplicitProblem, "iterative": IterativeProblem}
+
+
+# Variants of the program: Config fields of the lower and upper, EngineConfig fields.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "plain": {"lower": {"unroll_steps": 2}, "upper": {}, "engine": {}},
+    "rollback-accumulation-warmup": {
+        "lower": {"unroll_steps": 2, "gradient_accumulation": 2, "warmup_steps": 2},
+        "upper": {"gradient_accumulation": 2}, "engine": {"roll_back": True}},
+    "fp16-bf16-clipping": {
+        "lower": {"unroll_steps": 2, "precision": "fp16", "gradient_clipping": 0.5,
+                  "initial_dynamic_scale": 2.0**10},
+        "upper": {"precision": "bf16", "gradient_clipping": 0.1}, "engine": {}},
+}
+# One entry per (lower problem class, variant). An IterativeProblem lower does not yet
+# checkpoint its in-window state (gradients accumulated in a window, the graph of a
+# reverse-mode window), so only its "plain" variant (implicit hops) is listed.
+RESUME_CASES = [("implicit", "plain"), ("implicit", "rollback-accumulation-warmup"),
+                ("implicit", "fp16-bf16-clipping"), ("iterative", "plain")]
+
+
+def build(kind: str = "implicit", variant: str = "plain", hidden: int = HIDDEN,
+          lower_name: str = "lower", interrupt_at: tuple[int, int] | None = None,
+          **engine_fields: Any) -> Engine:
+    """The program, rebuilt identically in any process (every seed set here)."""
+    settings = VARIANTS[variant]
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    x, y = torch.randn(36, 6), torch.randint(0, 3, (36,))
+    xv, yv = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    net = torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(hidden, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    lower_cls = type("Lower", (_lower_kinds()[kind],), {"training_step": _lower_step})
+    lower = lower_cls(lower_name, Config(**settings["lower"]), module=net, optimizer=opt,
+                      scheduler=torch.optim.lr_scheduler.StepLR(opt, 3, 0.7),
+                      train_data_loader=DataLoader(TensorDataset(x, y), batch_size=8,
+                                                   shuffle=True),
+                      extra_config={"interrupt_at": interrupt_at})
+    hyper = Hyper()
+    hopt = torch.optim.Adam(hyper.parameters(), lr=0.01)
+    upper = Upper("upper", Config(**settings["upper"]), module=hyper, optimizer=hopt,
+                  scheduler=torch.optim.lr_scheduler.ExponentialLR(hopt, 0.95),
+                  train_data_loader=DataLoader(TensorDataset(xv, yv), batch_size=8, shuffle=True,
+                                               generator=torch.Generator().manual_seed(7)))
+    config = EngineConfig(**{"train_iters": 2 * N, "valid_step": 3, "early_stopping": True,
+                             "early_stopping_tolerance": 50, **settings["engine"],
+                             **engine_fields})
+    engine = ValidatedEngine([upper, lower], config,
+                             dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    engine.valid_data = (xv, yv)
+    return engine
+
+
+def final_state(engine: Engine) -> dict[str, Any]:
+    """Everything that must match bitwise between a resumed run and an uninterrupted one."""
+    state: dict[str, Any] = {"global_step": engine.global_step, "best": engine._best,
+                             "bad_validations": engine._bad_validations}
+    for p in engine.problems:
+        state[p.name] = {**p.state_dict(), "skipped": p.skipped_steps,
+                         "grads": [q.grad for q in p.trainable_parameters()],
+                         "data": p._source.state_dict()["positions"] + p._source.epochs}
+    return state
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where} differs by {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+_REFERENCES: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def reference(kind: str, variant: str) -> dict[str, Any]:
+    """Final state after 2N global steps without stopping (cached per program)."""
+    if (kind, variant) not in _REFERENCES:
+        engine = build(kind, variant)
+        engine.run()
+        _REFERENCES[kind, variant] = final_state(engine)
+    return _REFERENCES[kind, variant]
+
+
+# -- exact resume ------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "variant"), RESUME_CASES)
+def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path, kind, variant):
+    first = build(kind, variant, train_iters=N, checkpoint_dir=str(tmp_path), checkpoint_step=N)
+    first.run()
+    assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, f"step_{N:08d}.pt")
+    out = tmp_path / "resumed.pt"
+    done = subprocess.run([sys.executable, __file__, kind, variant, str(tmp_path), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(out, weights_only=True)
+    assert resumed["global_step"] == 2 * N
+    assert_same(resumed, reference(kind, variant))
+
+
+def test_the_reference_is_sensitive_to_the_data_order():
+    """Guard against a vacuous comparison: another shuffle gives another end state."""
+    engine = build()
+    torch.manual_seed(1)  # the loaders draw their first shuffle from here
+    engine.run()
+    with pytest.raises(AssertionError):
+        assert_same(final_state(engine), reference("implicit", "plain"))
+
+
+def test_load_checkpoint_in_process_then_run_continues_to_train_iters(tmp_path):
+    first = build(train_iters=N)
+    first.run()
+    path = first.save_checkpoint(tmp_path / "mid.pt")
+    engine = build()
+    engine.load_checkpoint(path)
+    assert engine.global_step == N and engine.lower.count == N
+    engine.run()
+    assert engine.global_step == 2 * N
+    assert_same(final_state(engine), reference("implicit", "plain"))
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+def test_ctrl_c_saves_a_loadable_checkpoint_at_the_end_of_the_step(tmp_path):
+    engine = build(checkpoint_dir=str(tmp_path), interrupt_at=(5, 1))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert engine.global_step == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [5]
+    resumed = build(checkpoint_dir=str(tmp_path), resume_from="latest")
+    resumed.run()
+    assert_same(final_state(resumed), reference("implicit", "plain"))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    engine = build(checkpoint_dir=str(tmp_path), checkpoint_step=2, interrupt_at=(5, 2))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# -- files: atomic writes, checked loads -------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "a.pt"
+    engine = build(train_iters=3)
+    engine.run()
+    engine.save_checkpoint(path)
+    return path
+
+
+def test_truncated_checkpoint_is_refused(saved, tmp_path):
+    data = saved.read_bytes()
+    for size in (len(data) // 2, len(data) - 1, 10):
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match="truncated"):
+            build().load_checkpoint(cut)
+
+
+def test_corrupt_checkpoint_is_refused(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        build().load_checkpoint(bad)
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    path.write_bytes(saved.read_bytes())
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        build(train_iters=1).save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == saved.read_bytes()
+    assert os.listdir(tmp_path) == ["c.pt"]
+    build().load_checkpoint(path)
+
+
+def test_unsafe_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "betty-checkpoint", "payload": Hyper()}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        build().load_checkpoint(path)
+
+
+def test_other_files_are_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="not a betty checkpoint"):
+        build().load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build().load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_another_program_is_refused(saved):
+    with pytest.raises(CheckpointError, match=r"problem 'lower'.*\[16, 6\].*\[17, 6\]"):
+        build(hidden=17).load_checkpoint(saved)
+    with pytest.raises(CheckpointError, match=r"another program.*\['lower', 'upper'\]"):
+        build(lower_name="student").load_checkpoint(saved)
+
+
+# -- EngineConfig: periodic saves, keep, latest ------------------------------------------
+def test_periodic_saves_keep_the_newest_and_resume_from_latest(tmp_path):
+    build(train_iters=9, checkpoint_dir=str(tmp_path), checkpoint_step=2,
+          keep_checkpoints=2).run()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [6, 8]
+    engine = build(train_iters=9, checkpoint_dir=str(tmp_path), resume_from="latest")
+    engine._resume()
+    assert engine.global_step == 8 and engine.lower.count == 8
+
+
+def test_resume_from_latest_in_an_empty_folder_starts_afresh(tmp_path):
+    engine = build(train_iters=2, checkpoint_dir=str(tmp_path / "new"), resume_from="latest")
+    engine.run()
+    assert engine.global_step == 2
+
+
+def test_resume_from_a_missing_path_fails_with_a_message(tmp_path):
+    engine = build(train_iters=2, resume_from=str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        engine.run()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"checkpoint_step": 10}, "checkpoint_step=10 needs a folder"),
+    ({"resume_from": "latest"}, "resume_from='latest' needs a folder"),
+    ({"keep_checkpoints": 3}, "keep_checkpoints=3 needs a folder"),
+    ({"checkpoint_dir": "c", "checkpoint_step": -1}, "checkpoint_step=-1 must be an integer"),
+    ({"checkpoint_dir": "c", "keep_checkpoints": 1.5}, "keep_checkpoints=1.5 must be"),
+    ({"checkpoint_dir": 3}, "checkpoint_dir=3 must be a path"),
+])
+def test_engine_config_checks_checkpoint_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**fields)
+
+
+def _resume_main(kind: str, variant: str, directory: str, out: str) -> None:
+    """The fresh process: rebuild the program, resume from the latest checkpoint, finish."""
+    engine = build(kind, variant, checkpoint_dir=directory, resume_from="latest")
+    engine.run()
+    torch.save(final_state(engine), out)
+
+
+if __name__ == "__main__":
+    _resume_main(*sys.argv[1:5])

@@ -1,0 +1,523 @@
+"""Distributed strategies (`betty.distributed`): 2 processes against 1 on the union batch.
+
+Reference for exactness: the same program run by ONE process on the union of the two ranks'
+batches (a DataLoader with twice the batch size: `DistributedSampler` without shuffling gives
+rank r the samples r, r+2, ..., so the ranks' step-k batches together are exactly the
+single process's step-k batch, and the mean loss of the union is the mean of the two local
+means). After 8 global steps (4 outer steps, two of them across an epoch end of each
+loader) the upper and lower parameters of both ranks must equal the reference's to 1e-5 in
+float32, for darts, sama (lower Adam), neumann, cg, reverse mode and a three-level chain
+whose path hops twice, under strategy='distributed', 'zero' and (where this PyTorch's FSDP2
+runs on gloo) 'fsdp'.
+
+The two ranks are real processes launched as torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR=127.0.0.1, MASTER_PORT; gloo on the loopback interface); each launch has a
+deadline after which both are killed, so a hang fails the test instead of blocking CI. One
+launch runs every scenario; a second checks that an error on one rank ends both with its
+message. Run a worker by hand: ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
+MASTER_PORT=29500 python tests/test_distributed.py all <folder>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from betty import Engine
+from betty.configs import Config, EngineConfig
+from betty.distributed import PeerFailure, Strategy, make_strategy
+from betty.distributed.group import pick_backend
+from betty.distributed.sampling import shard_loader
+from betty.errors import ConfigError
+from betty.problems import ImplicitProblem, IterativeProblem
+from betty.problems.data import BatchSource
+
+WORLD = 2
+LOCAL_BATCH = 4
+DIM = 4
+ITERS = 8  # global steps; the lowers unroll 2 steps, so the uppers step 4 times
+HALF = 4  # where checkpoints are saved and resumed
+TOL = 1e-5
+LAUNCH_DEADLINE_S = 150
+STRATEGIES = ["distributed", "zero"]
+METHODS = ["darts", "sama", "neumann", "cg", "reverse", "chain3"]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# -- the programs (shared by the workers and the single-process references) ------------------
+def dataset(seed: int, n: int) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DIM, generator=gen)
+    y = x @ torch.randn(DIM, generator=gen) + 0.1 * torch.randn(n, generator=gen)
+    return TensorDataset(x, y)
+
+
+def loader(seed: int, n: int, batch: int) -> DataLoader:
+    return DataLoader(dataset(seed, n), batch_size=batch, shuffle=False)
+
+
+class Decay(torch.nn.Module):
+    """The upper's parameters: a log weight decay per feature and one for the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_lam = torch.nn.Parameter(torch.full((DIM,), -1.0))
+        self.log_bias = torch.nn.Parameter(torch.tensor([-1.0]))
+
+
+def ridge_loss(problem: Any, batch: Any, decay: Decay) -> torch.Tensor:
+    x, y = batch
+    model = problem.module
+    penalty = (decay.log_lam.exp() * model.weight.squeeze(0) ** 2).sum() + \
+        decay.log_bias.exp() * (model.bias**2).sum()
+    return F.mse_loss(model(x).squeeze(-1), y) + 0.5 * penalty
+
+
+class Inner(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        fail = (self.cfg or {}).get("fail_on_rank")
+        if fail is not None and self.engine.strategy.rank == fail and self.count == 3:
+            raise ValueError(f"boom on rank {fail}")
+        return ridge_loss(self, batch, self.outer.module)
+
+
+class IterInner(IterativeProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        return ridge_loss(self, batch, self.outer.module)
+
+
+class Outer(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.inner(x).squeeze(-1), y)
+
+
+class Validating(Engine):
+    """Validation that records where it ran and gets worse each time (early stopping)."""
+
+    ran: list[int]
+
+    def validation(self) -> dict[str, Any]:
+        self.ran.append(self.global_step)
+        return {"loss": float(self.global_step)}
+
+
+def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
+            engine_type: type[Engine] = Engine, extra: dict[str, Any] | None = None,
+            **engine_kwargs: Any) -> Engine:
+    torch.manual_seed(0)
+    reverse = method == "reverse"
+    settings = {"darts": {}, "sama": {}, "reverse": {},
+                "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
+                "cg": {"cg_iterations": 3}}[method]
+    model = torch.nn.Linear(DIM, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05) if method == "sama" else \
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kind = IterInner if reverse else Inner
+    inner = kind("inner", Config(type="darts" if reverse else method, unroll_steps=2,
+                                 **settings), model, opt,
+                 train_data_loader=loader(1, 48, batch), extra_config=extra)
+    decay = Decay()
+    outer = Outer("outer", Config(first_order=not reverse), decay,
+                  torch.optim.Adam(decay.parameters(), lr=0.05),
+                  train_data_loader=loader(2, 24, batch))
+    config = EngineConfig(train_iters=iters, strategy=strategy, distributed_timeout=60,
+                          progress_bar=False, **engine_kwargs)
+    return engine_type([outer, inner], config, {"u2l": {outer: [inner]},
+                                                "l2u": {inner: [outer]}})
+
+
+class Bottom(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        return ridge_loss(self, batch, self.top.module)
+
+
+class Middle(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, _ = batch
+        return F.mse_loss(self.module(x), self.bottom(x)) + 0.05 * (self.module.weight**2).sum()
+
+
+class Top(ImplicitProblem):
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.middle(x).squeeze(-1), y)
+
+
+def chain3(strategy: str, batch: int) -> Engine:
+    """Top's parameters enter Bottom's loss only: Top's one path hops through Middle
+    (darts), then through Bottom (cg), so the vector between the hops must be global."""
+    torch.manual_seed(0)
+    bottom_model, middle_model, decay = torch.nn.Linear(DIM, 1), torch.nn.Linear(DIM, 1), Decay()
+    bottom = Bottom("bottom", Config(type="cg", cg_iterations=2), bottom_model,
+                    torch.optim.SGD(bottom_model.parameters(), lr=0.1),
+                    train_data_loader=loader(3, 48, batch))
+    middle = Middle("middle", Config(type="darts"), middle_model,
+                    torch.optim.SGD(middle_model.parameters(), lr=0.1),
+                    train_data_loader=loader(4, 32, batch))
+    top = Top("top", Config(), decay, torch.optim.Adam(decay.parameters(), lr=0.05),
+              train_data_loader=loader(5, 24, batch))
+    config = EngineConfig(train_iters=ITERS, strategy=strategy, distributed_timeout=60,
+                          progress_bar=False)
+    return Engine([top, middle, bottom], config,
+                  {"u2l": {top: [bottom]}, "l2u": {bottom: [middle], middle: [top]}})
+
+
+def build(method: str, strategy: str, batch: int, **kwargs: Any) -> Engine:
+    return chain3(strategy, batch) if method == "chain3" else \
+        bilevel(method, strategy, batch, **kwargs)
+
+
+def parameters(engine: Engine) -> dict[str, torch.Tensor]:
+    """Every problem's parameters, flattened, as full tensors."""
+    out = {}
+    for problem in engine.problems:
+        assert problem.module is not None
+        tensors = [p.full_tensor() if hasattr(p, "full_tensor") else p
+                   for p in problem.module.parameters()]
+        out[problem.name] = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return out
+
+
+# -- the worker: one rank of a launch --------------------------------------------------------
+def fsdp_supported() -> tuple[bool, str]:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as err:
+        return False, f"this PyTorch has no FSDP2 fully_shard ({err})"
+    return True, ""
+
+
+def scenarios(folder: Path) -> list[tuple[str, Any]]:
+    """(name, function returning the results to save) for every run of the main launch."""
+    runs: list[tuple[str, Any]] = []
+    for strategy in STRATEGIES:
+        if strategy == "fsdp" and not fsdp_supported()[0]:
+            continue
+        methods = [m for m in METHODS if strategy != "fsdp" or m not in ("reverse", "sama")]
+        for method in methods:
+            runs.append((f"{strategy}-{method}", functools.partial(
+                lambda s, m: parameters(_run(build(m, s, LOCAL_BATCH))), strategy, method)))
+    for strategy, method in (("distributed", "darts"), ("zero", "sama")):
+        runs.append((f"save-{strategy}", functools.partial(_save_half, strategy, method, folder)))
+        runs.append((f"resume-{strategy}", functools.partial(_resume, strategy, method, folder)))
+    runs.append(("validation", _validation))
+    runs.append(("autograd", _autograd))
+    return runs
+
+
+def _run(engine: Engine) -> Engine:
+    engine.run()
+    return engine
+
+
+def _save_half(strategy: str, method: str, folder: Path) -> dict[str, Any]:
+    engine = bilevel(method, strategy, LOCAL_BATCH, iters=HALF)
+    engine.run()
+    path = engine.save_checkpoint(folder / f"{strategy}-step{HALF}.pt")
+    engine.config.train_iters = ITERS
+    engine.run()
+    return {"path": str(path), **parameters(engine)}
+
+
+def _resume(strategy: str, method: str, folder: Path) -> dict[str, Any]:
+    engine = bilevel(method, strategy, LOCAL_BATCH)
+    engine.load_checkpoint(folder / f"single-{method}-step{HALF}.pt")
+    engine.run()
+    return parameters(engine)
+
+
+def _validation() -> dict[str, Any]:
+    engine = bilevel("darts", "distributed", LOCAL_BATCH, engine_type=Validating,
+                     valid_step=2, early_stopping=True, early_stopping_tolerance=1)
+    engine.ran = []
+    engine.run()
+    return {"ran": list(engine.ran), "global_step": engine.global_step,
+            "stopped": engine.stopped_early}
+
+
+def _autograd() -> dict[str, Any]:
+    """d/dx_r of sum_s c_s * mean(x): the differentiable average's backward."""
+    strategy = make_strategy(EngineConfig(strategy="distributed", distributed_timeout=60))
+    x = torch.full((3,), float(strategy.rank + 1), requires_grad=True)
+    c = torch.tensor([1.0, 2.0, 3.0]) * (strategy.rank + 1)
+    (mean,) = strategy.all_average([x], differentiable=True)
+    (grad,) = torch.autograd.grad((c * mean).sum(), x)
+    return {"mean": mean.detach(), "grad": grad}
+
+
+def worker(job: str, folder: Path) -> int:
+    rank = int(os.environ["RANK"])
+    if job == "autoonly":
+        torch.save(_autograd(), folder / f"autograd.rank{rank}.pt")
+        return 0
+    if job == "all":
+        for name, run in scenarios(folder):
+            torch.save(run(), folder / f"{name}.rank{rank}.pt")
+        return 0
+    fail_on = int(job.split("-")[1])  # "fail-<rank>"
+    try:
+        bilevel("darts", "distributed", LOCAL_BATCH, extra={"fail_on_rank": fail_on}).run()
+    except BaseException as err:  # reported to the test, which checks the message
+        (folder / f"error.rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        return 1
+    return 0
+
+
+# -- launching -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(job: str, folder: Path, deadline_s: float = LAUNCH_DEADLINE_S) -> list[int]:
+    """Start WORLD ranks of ``job`` as torchrun would; kill both at the deadline."""
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        log = open(folder / f"{job}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen([sys.executable, __file__, job, str(folder)], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    end = time.monotonic() + deadline_s
+    codes = []
+    try:
+        for proc, _ in procs:
+            codes.append(proc.wait(timeout=max(end - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired:
+        logs = "\n".join((folder / f"{job}.rank{r}.log").read_text()[-3000:]
+                         for r in range(WORLD))
+        pytest.fail(f"launch {job!r} did not finish within {deadline_s} s:\n{logs}")
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return codes
+
+
+def _logs(folder: Path, job: str) -> str:
+    return "\n".join(f"--- rank {r}\n" + (folder / f"{job}.rank{r}.log").read_text()[-4000:]
+                     for r in range(WORLD))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("distributed")
+    for method in ("darts", "sama"):  # the single-process checkpoints the ranks resume from
+        engine = bilevel(method, "default", WORLD * LOCAL_BATCH, iters=HALF)
+        engine.run()
+        engine.save_checkpoint(folder / f"single-{method}-step{HALF}.pt")
+    codes = launch("all", folder)
+    assert codes == [0] * WORLD, _logs(folder, "all")
+    return folder
+
+
+def result(folder: Path, name: str, rank: int = 0) -> Any:
+    path = folder / f"{name}.rank{rank}.pt"
+    if not path.exists():
+        pytest.skip(f"{name} did not run: {fsdp_supported()[1]}")
+    return torch.load(path, weights_only=True)
+
+
+@functools.cache
+def reference(method: str) -> dict[str, torch.Tensor]:
+    """One process on the union batch."""
+    return parameters(_run(build(method, "default", WORLD * LOCAL_BATCH)))
+
+
+def assert_close(got: dict[str, Any], want: dict[str, torch.Tensor], what: str) -> None:
+    for name, value in want.items():
+        err = (got[name] - value).abs().max().item()
+        assert err <= TOL, f"{what}: problem '{name}' differs from the reference by {err:.2e}"
+
+
+# -- exactness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_equal_one_process_on_union_batch(launched: Path, strategy: str,
+                                                    method: str) -> None:
+    """Reference: `reference(method)`, one process on the union batch. Both ranks end with
+    the same parameters (bit for bit) and they equal the reference to 1e-5."""
+    if strategy == "fsdp" and method in ("reverse", "sama"):
+        pytest.skip("fsdp supports ImplicitProblems with darts, neumann and cg (see "
+                    "docs/distributed.md)")
+    ranks = [result(launched, f"{strategy}-{method}", r) for r in range(WORLD)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+    start = parameters(build(method, "default", WORLD * LOCAL_BATCH))
+    moved = {n: (ranks[0][n] - start[n]).abs().max().item() for n in start}
+    assert all(m > 1e-3 for m in moved.values()), f"a level did not train: {moved}"
+    assert_close(ranks[0], reference(method), f"{strategy}/{method}")
+
+
+def test_differentiable_average_backward_averages_the_upstream_gradients(launched: Path
+                                                                         ) -> None:
+    """y = mean_r x_r, loss_r = <c_r, y>: dloss/dx_r summed over ranks' losses is
+    mean_r c_r on every rank (c_0 = [1,2,3], c_1 = [2,4,6])."""
+    for rank in range(WORLD):
+        got = result(launched, "autograd", rank)
+        assert torch.allclose(got["mean"], torch.full((3,), 1.5))
+        assert torch.allclose(got["grad"], torch.tensor([1.5, 3.0, 4.5]))
+
+
+# -- rank 0 validates, logs and writes; checkpoints cross the process count ------------------
+def test_validation_runs_on_rank_0_and_early_stopping_is_common(launched: Path) -> None:
+    rank0, rank1 = (result(launched, "validation", r) for r in range(WORLD))
+    assert rank0["ran"] == [2, 4] and rank1["ran"] == []
+    assert rank0["global_step"] == rank1["global_step"] == 4
+    assert rank0["stopped"] and rank1["stopped"]
+
+
+@pytest.mark.parametrize("strategy,method", [("distributed", "darts"), ("zero", "sama")])
+def test_checkpoint_saved_by_ranks_resumes_in_one_process(launched: Path, strategy: str,
+                                                           method: str) -> None:
+    """Reference: the uninterrupted single-process run. The checkpoint the 2-rank run saved
+    at step 4 (ZeRO: optimizer state gathered on rank 0), resumed by one process on the
+    union batch, ends where the reference ends."""
+    saved = result(launched, f"save-{strategy}")
+    assert_close(saved, reference(method), f"{strategy} run around its checkpoint")
+    engine = bilevel(method, "default", WORLD * LOCAL_BATCH)
+    engine.load_checkpoint(saved["path"])
+    assert engine.global_step == HALF
+    engine.run()
+    assert_close(parameters(engine), reference(method), f"{strategy} checkpoint, 1 process")
+
+
+@pytest.mark.parametrize("strategy,method", [("distributed", "darts"), ("zero", "sama")])
+def test_single_process_checkpoint_resumes_on_two_ranks(launched: Path, strategy: str,
+                                                        method: str) -> None:
+    for rank in range(WORLD):
+        assert_close(result(launched, f"resume-{strategy}", rank), reference(method),
+                     f"1-process checkpoint resumed under {strategy}, rank {rank}")
+
+
+# -- an error on one rank ends all ranks with its message ------------------------------------
+@pytest.mark.parametrize("failing", [0, 1])
+def test_error_on_one_rank_ends_every_rank_with_its_message(tmp_path: Path, failing: int
+                                                            ) -> None:
+    """Rank ``failing`` raises in its third local step while the other waits in a
+    collective; both must exit (well before the 60 s collective timeout) with the message.
+    Rank 0 hosts the store the message travels through, so both directions are checked."""
+    started = time.monotonic()
+    codes = launch(f"fail-{failing}", tmp_path, deadline_s=60)
+    assert time.monotonic() - started < 45, "the ranks waited for the collective timeout"
+    assert codes == [1, 1], _logs(tmp_path, f"fail-{failing}")
+    errors = [(tmp_path / f"error.rank{r}.txt").read_text() for r in range(WORLD)]
+    assert errors[failing] == f"ValueError: boom on rank {failing}"
+    other = errors[1 - failing]
+    assert other.startswith(PeerFailure.__name__), other
+    assert f"rank {failing}: ValueError: boom on rank {failing}" in other
+
+
+# -- sharding data (no process group needed) -------------------------------------------------
+class Rank(Strategy):
+    """A strategy that only says which rank it is (for sharding data in one process)."""
+
+    name = "distributed"
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+
+def epoch(data: DataLoader) -> list[int]:
+    return [int(i) for batch in data for i in batch[0]]
+
+
+@pytest.mark.parametrize("n", [12, 13])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_cover_each_epoch_once_with_equal_batch_counts(n: int, shuffle: bool) -> None:
+    """Reference: DistributedSampler semantics. Ranks get disjoint shards of equal length
+    whose union is the dataset (13 samples: one sample repeated to fill the last round);
+    each epoch ``set_epoch`` reshuffles, identically on every rank."""
+    data = DataLoader(TensorDataset(torch.arange(n)), batch_size=2, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(7))
+    shards = [shard_loader(data, Rank(r, WORLD), owner="p") for r in range(WORLD)]
+    assert all(isinstance(s.sampler, DistributedSampler) for s in shards)
+    firsts = [epoch(s) for s in shards]
+    assert len(firsts[0]) == len(firsts[1]) == -(-n // WORLD)
+    assert len(shards[0]) == len(shards[1])
+    union = sorted(firsts[0] + firsts[1])
+    assert set(union) == set(range(n)) and len(union) == n + n % WORLD
+    if n % WORLD == 0:
+        assert not set(firsts[0]) & set(firsts[1])
+    for s in shards:
+        s.sampler.set_epoch(1)
+    seconds = [epoch(s) for s in shards]
+    assert sorted(seconds[0] + seconds[1]) == union
+    assert (seconds != firsts) == shuffle
+
+
+def test_batch_source_sets_the_epoch_at_each_restart() -> None:
+    shard = shard_loader(DataLoader(TensorDataset(torch.arange(8)), batch_size=2,
+                                    shuffle=True), Rank(1, WORLD), owner="p")
+    source = BatchSource("p", shard, lambda: None)
+    for _ in range(5):  # 2 batches per epoch: the fifth batch is in epoch 2
+        source.next_batch()
+    assert shard.sampler.epoch == 2
+
+
+def test_users_own_distributed_sampler_and_non_loaders_are_kept() -> None:
+    ds = TensorDataset(torch.arange(8))
+    own = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=1))
+    assert shard_loader(own, Rank(0, WORLD), owner="p") is own
+    batches = [torch.zeros(2)]
+    assert shard_loader(batches, Rank(0, WORLD), owner="p") is batches
+
+
+def test_custom_sampler_is_an_error_that_names_the_fix() -> None:
+    ds = TensorDataset(torch.arange(8))
+    custom = DataLoader(ds, sampler=RandomSampler(ds, replacement=True, num_samples=4))
+    with pytest.raises(ConfigError, match="problem 'inner'.*DistributedSampler"):
+        shard_loader(custom, Rank(0, WORLD), owner="inner")
+
+
+# -- configuration ---------------------------------------------------------------------------
+def test_distributed_strategy_without_torchrun_names_the_launcher(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        bilevel("darts", "distributed", LOCAL_BATCH)
+
+
+def test_nccl_falls_back_to_gloo_on_cpu() -> None:
+    assert pick_backend("nccl", torch.device("cpu")) == "gloo"
+    assert pick_backend("nccl", torch.device("cuda", 0)) == "nccl"
+    assert pick_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def test_single_process_strategy_is_the_identity() -> None:
+    engine = bilevel("darts", "default", LOCAL_BATCH, iters=1)
+    strategy = engine.strategy
+    assert strategy.is_main and strategy.world_size == 1
+    t = [torch.ones(2)]
+    assert strategy.all_average(t)[0] is t[0]
+    assert strategy.average_optional([None, t[0]]) == [None, t[0]]
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1], Path(sys.argv[2])))

@@ -1,0 +1,568 @@
+"""Reverse mode (`IterativeProblem`) and task batching (`TaskBatchedProblem`), in float64.
+
+References, all written in this file with plain torch and no betty code:
+
+* reverse-mode hypergradients: the same K updates written by hand (SGD with momentum, Adam
+  with bias correction) with ``torch.autograd.grad(create_graph=True)``, and a truncated
+  variant that differentiates only the last N of them (MATH.md, "Reverse mode");
+* optimizer state, schedulers and BatchNorm statistics: plain torch.optim training of a copy
+  of the module on the same batches;
+* ``first_order=True`` over an IterativeProblem: the same program with an ImplicitProblem;
+* task batching: a sequential per-task MAML loop.
+
+Every program runs through `Engine`; the upper records its gradient in ``grad_callback``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import os
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from betty import Engine
+from betty.configs import Config, EngineConfig
+from betty.errors import ConfigError, ProblemDefinitionError
+from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
+
+DT = torch.float64
+EXACT = 1e-10
+
+
+def rel_err(actual: list[Tensor], expected: list[Tensor]) -> float:
+    a = torch.cat([t.detach().reshape(-1) for t in actual])
+    e = torch.cat([t.detach().reshape(-1) for t in expected])
+    return float(torch.linalg.vector_norm(a - e) / torch.linalg.vector_norm(e))
+
+
+# -- a bilevel program: the lower fits a small MLP with L2 weights from the upper --------------
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+
+def mlp_apply(w: list[Tensor], x: Tensor) -> Tensor:
+    """The same network as a function of its parameters [W1, b1, W2, b2]."""
+    return torch.tanh(x @ w[0].T + w[1]) @ w[2].T + w[3]
+
+
+def batches(seed: int, count: int, n: int = 6) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        x = torch.randn(n, 3, generator=gen, dtype=DT)
+        out.append((x, torch.sin(x.sum(1, keepdim=True)) + 0.1 * x[:, :1]))
+    return out
+
+
+def lower_loss(w: list[Tensor], lam: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    penalty = lam[0].exp() * w[0].square().sum() + lam[1].exp() * w[2].square().sum()
+    return F.mse_loss(mlp_apply(w, x), y) + 0.5 * penalty
+
+
+def upper_loss(w: list[Tensor], lam: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.mse_loss(mlp_apply(w, x), y) + 1e-2 * lam.square().sum()  # + a direct term
+
+
+class Hyper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lam = nn.Parameter(torch.tensor([-1.0, -2.0], dtype=DT))
+
+
+def weights(module: nn.Module) -> list[Tensor]:
+    return [module[0].weight, module[0].bias, module[2].weight, module[2].bias]
+
+
+class Lower(IterativeProblem):
+    def training_step(self, batch):
+        return lower_loss(weights(self.module), self.upper.module.lam, batch)
+
+
+class ImplicitLower(ImplicitProblem):
+    def training_step(self, batch):
+        return lower_loss(weights(self.module), self.upper.module.lam, batch)
+
+
+class Upper(ImplicitProblem):
+    def training_step(self, batch):
+        return upper_loss(weights(self.lower.module), self.module.lam, batch)
+
+    def grad_callback(self, grads):
+        self.record.append([g.clone() for g in grads])
+
+
+UPPER_LR = 0.5
+
+
+def bilevel(make_opt: Callable[[nn.Module], torch.optim.Optimizer], *, unroll: int,
+            windows: int, lower_cls: type = Lower, upper: Config | None = None,
+            lower: Config | None = None, scheduler: Callable | None = None
+            ) -> tuple[Engine, Upper]:
+    net = mlp()
+    opt = make_opt(net)
+    hyper = Hyper()
+    up = Upper("upper", upper or Config(first_order=False), module=hyper,
+               optimizer=torch.optim.SGD(hyper.parameters(), lr=UPPER_LR),
+               train_data_loader=batches(2, windows))
+    up.record = []
+    low = lower_cls("lower", lower or Config(unroll_steps=unroll), module=net, optimizer=opt,
+                    scheduler=scheduler(opt) if scheduler else None,
+                    train_data_loader=batches(1, unroll * windows))
+    engine = Engine([up, low], EngineConfig(train_iters=unroll * windows),
+                    {"u2l": {up: [low]}, "l2u": {low: [up]}})
+    return engine, up
+
+
+# -- the hand-written reference: update rules and the unroll -----------------------------------
+def sgd_momentum(lr: float, momentum: float, weight_decay: float):
+    def init(w):
+        return [None for _ in w]
+
+    def update(w, g, bufs, t):
+        new_w, new_bufs = [], []
+        for p, gp, b in zip(w, g, bufs):
+            d = gp + weight_decay * p
+            b = d if b is None else momentum * b + d
+            new_w.append(p - lr * b)
+            new_bufs.append(b)
+        return new_w, new_bufs
+
+    return init, update
+
+
+def adam(lr: float, beta1: float, beta2: float, eps: float):
+    def init(w):
+        return [(torch.zeros_like(p), torch.zeros_like(p)) for p in w]
+
+    def update(w, g, state, t):  # t: this step's count, from 1, running on across windows
+        new_w, new_state = [], []
+        for p, gp, (m, v) in zip(w, g, state):
+            m = beta1 * m + (1 - beta1) * gp
+            v = beta2 * v + (1 - beta2) * gp * gp
+            m_hat_scale = lr / (1 - beta1**t)
+            denom = v.sqrt() / math.sqrt(1 - beta2**t) + eps
+            new_w.append(p - m_hat_scale * m / denom)
+            new_state.append((m, v))
+        return new_w, new_state
+
+    return init, update
+
+
+def detach(tree):
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(detach(t) for t in tree)
+    return tree
+
+
+def reference_unroll(rule, *, unroll: int, windows: int, truncate: int = 0,
+                     lrs: Callable[[int], float] | None = None) -> tuple[list[Tensor], list]:
+    """Upper gradients of every window, and the lower weights at the end.
+
+    ``truncate=N`` differentiates only the last N updates of each window; ``lrs(t)`` scales
+    the rule's step t (a scheduler)."""
+    init, update = rule
+    w = [p.detach().clone() for p in weights(mlp())]
+    state = init(w)
+    lam = Hyper().lam.detach().clone()
+    low, up = batches(1, unroll * windows), batches(2, windows)
+    grads, t = [], 0
+    for window in range(windows):
+        lam_ = lam.clone().requires_grad_()
+        w, state = detach(w), detach(state)
+        w = [p.requires_grad_() for p in w]
+        for k in range(unroll):
+            t += 1
+            live = truncate == 0 or k >= unroll - truncate
+            if not live:
+                w = [p.detach().requires_grad_() for p in w]
+                state = detach(state)
+            g = torch.autograd.grad(lower_loss(w, lam_, low[window * unroll + k]), w,
+                                    create_graph=live)
+            if lrs is not None:
+                g = [lrs(t) * gp for gp in g]  # plain SGD: a scaled lr is a scaled gradient
+            w, state = update(w, g, state, t)
+        grads.append(torch.autograd.grad(upper_loss(w, lam_, up[window]), lam_)[0])
+        lam = lam - UPPER_LR * grads[-1]
+    return grads, detach(w)
+
+
+# -- 1. reverse mode is the exact derivative of the unrolled updates ---------------------------
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
+def test_reverse_mode_matches_hand_written_unroll(name):
+    if name == "sgd_momentum":
+        def make(net):
+            return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        rule = sgd_momentum(0.1, 0.9, 0.01)
+    else:
+        def make(net):
+            return torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-3)
+        rule = adam(0.05, 0.8, 0.9, 1e-3)
+    engine, up = bilevel(make, unroll=3, windows=3)
+    engine.run()
+    expected, w_end = reference_unroll(rule, unroll=3, windows=3)
+    assert len(up.record) == 3
+    for got, want in zip(up.record, expected):  # windows 2 and 3: the state carried over
+        assert rel_err(got, [want]) < EXACT
+    assert rel_err(engine.lower.trainable_parameters(), w_end) < EXACT
+
+
+def test_truncation_differentiates_only_the_last_updates():
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    engine, up = bilevel(make, unroll=4, windows=2,
+                         lower=Config(unroll_steps=4, truncation_steps=2))
+    engine.run()
+    rule = sgd_momentum(0.1, 0.9, 0.01)
+    truncated, _ = reference_unroll(rule, unroll=4, windows=2, truncate=2)
+    full, _ = reference_unroll(rule, unroll=4, windows=2)
+    for got, want, untruncated in zip(up.record, truncated, full):
+        assert rel_err(got, [want]) < EXACT
+        assert rel_err(got, [untruncated]) > 1e-4  # the test can tell truncation apart
+
+
+def test_scheduler_changes_lr_inside_a_window():
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.2)
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    engine, up = bilevel(make, unroll=3, windows=2, scheduler=schedule)
+    engine.run()
+    expected, w_end = reference_unroll(sgd_momentum(0.2, 0.0, 0.0), unroll=3, windows=2,
+                                       lrs=lambda t: 0.5 ** (t - 1))
+    for got, want in zip(up.record, expected):
+        assert rel_err(got, [want]) < EXACT
+    assert rel_err(engine.lower.trainable_parameters(), w_end) < EXACT
+    assert engine.lower.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5**6)
+
+
+# -- 2. an upper with first_order=True uses the lower's implicit type at its final weights ----
+@pytest.mark.parametrize("method", ["darts", "cg", "neumann"])
+def test_first_order_upper_uses_the_implicit_type(method):
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    lower = Config(type=method, unroll_steps=2, cg_iterations=3, neumann_iterations=3,
+                   neumann_alpha=0.5)
+    results = []
+    for lower_cls in (Lower, ImplicitLower):
+        engine, up = bilevel(make, unroll=2, windows=3, lower_cls=lower_cls,
+                             upper=Config(first_order=True), lower=lower)
+        engine.run()
+        results.append((up.record, engine.lower.trainable_parameters()))
+    (iterative, w_iterative), (implicit, w_implicit) = results
+    assert len(iterative) == 3
+    for got, want in zip(iterative, implicit):
+        assert rel_err(got, want) < 1e-12  # round-off: p - lr*b vs torch.optim's fused add
+    assert rel_err(w_iterative, w_implicit) < 1e-12
+
+
+# -- 3. buffers and optimizer state follow the functional steps -------------------------------
+def bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+
+def bn_loss(net: nn.Module, lam: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.mse_loss(net(x), y) + 0.5 * lam[0].exp() * net[0].weight.square().sum()
+
+
+class BNLower(IterativeProblem):
+    def training_step(self, batch):
+        return bn_loss(self.module, self.upper.module.lam, batch)
+
+
+class WeightNorm(ImplicitProblem):
+    """An upper whose loss reads the lower's final weights only (no forward: BN untouched)."""
+
+    def training_step(self, batch):
+        return self.lower.module[3].weight.square().sum() + 0 * self.module.lam.sum()
+
+    def grad_callback(self, grads):
+        self.record.append([g.clone() for g in grads])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_buffers_and_optimizer_state_match_plain_torch(reverse):
+    unroll, steps = 3, 8  # the run stops inside the third window: its steps count too
+    data = batches(1, steps)
+    net = bn_net()
+    plain = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.8, 0.9), weight_decay=0.01)
+    hyper = Hyper()
+    upper = WeightNorm("upper", Config(first_order=not reverse), module=hyper,
+                       optimizer=torch.optim.SGD(hyper.parameters(), lr=0.0),
+                       train_data_loader=[None])
+    upper.record = []
+    lower = BNLower("lower", Config(unroll_steps=unroll), module=net, optimizer=opt,
+                    train_data_loader=data)
+    Engine([upper, lower], EngineConfig(train_iters=steps),
+           {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
+
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=0.05, betas=(0.8, 0.9),
+                                 weight_decay=0.01)
+    for batch in data:
+        plain_opt.zero_grad()
+        bn_loss(plain, hyper.lam.detach(), batch).backward()
+        plain_opt.step()
+    for (name, got), want in zip(net.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), name  # incl. running stats
+    assert int(net[1].num_batches_tracked) == steps
+    for p, q in zip(net.parameters(), plain.parameters()):
+        mine, theirs = opt.state[p], plain_opt.state[q]
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            assert torch.allclose(mine[key], theirs[key], rtol=1e-12, atol=1e-14), key
+    if reverse:  # the window was differentiated: a gradient reached the upper
+        assert len(upper.record) == steps // unroll
+        assert bool(upper.record[0][0].abs().sum() > 0)
+    # after run() the module holds the optimizer's own parameters again, and torch.optim
+    # goes on from the written-back state exactly as from its own
+    assert all(a is b for a, b in zip(net.parameters(), opt.param_groups[0]["params"]))
+    for o, module in ((opt, net), (plain_opt, plain)):
+        o.zero_grad()
+        bn_loss(module, hyper.lam.detach(), data[0]).backward()
+        o.step()
+    for p, q in zip(net.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+# -- 4. graph hygiene: each window's graph is cut when the next one starts ---------------------
+class Vector(nn.Module):
+    def __init__(self, size: int, value: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((size,), value, dtype=DT))
+
+
+class Follower(IterativeProblem):
+    def training_step(self, batch):
+        return (self.module.w - self.leader.module.w).square().mean()
+
+
+class Leader(ImplicitProblem):
+    def training_step(self, batch):
+        loss = self.follower.module.w.square().mean()  # w_K of the follower's window
+        self.nodes.append(graph_size(loss))
+        if len(self.nodes) == 1:
+            self.first_window = weakref.ref(self.follower.module.w)
+        return loss
+
+
+def graph_size(t: Tensor) -> int:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux RSS")
+def test_memory_stays_flat_over_thousands_of_windows():
+    size, unroll = 4096, 2  # a leaked window would hold ~10 tensors of 32 KiB: ~0.6 GiB
+    lead = Vector(size, 1.0)
+    leader = Leader("leader", Config(first_order=False), module=lead,
+                    optimizer=torch.optim.SGD(lead.parameters(), lr=0.01),
+                    train_data_loader=[None])
+    leader.nodes = []
+    follow = Vector(size, 0.0)
+    follower = Follower("follower", Config(unroll_steps=unroll), module=follow,
+                        optimizer=torch.optim.SGD(follow.parameters(), lr=0.1, momentum=0.9),
+                        train_data_loader=[None])
+    engine = Engine([leader, follower], EngineConfig(train_iters=200 * unroll),
+                    {"u2l": {leader: [follower]}, "l2u": {follower: [leader]}})
+    engine.run()
+    gc.collect()
+    before = resident_bytes()
+    engine.config.train_iters = 2200 * unroll
+    engine.run()
+    gc.collect()
+    grown = resident_bytes() - before
+    assert len(leader.nodes) == 2200
+    assert leader.first_window() is None  # window 1's tensors are gone
+    assert len(set(leader.nodes[1:])) == 1  # the same graph size in every window (not growing)
+    assert grown < 64 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB"
+
+
+# -- 5. clear errors before training -----------------------------------------------------------
+def test_unsupported_optimizer_names_the_supported_ones():
+    def make(net):
+        return torch.optim.Adadelta(net.parameters())
+    with pytest.raises(ProblemDefinitionError) as info:
+        bilevel(make, unroll=2, windows=1)
+    message = str(info.value)
+    assert "'lower'" in message and "Adadelta" in message
+    for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad"):
+        assert f"torch.optim.{name}" in message
+
+
+def test_fp16_is_refused_with_a_reason():
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"'lower'.*fp16.*'bf16'"):
+        bilevel(make, unroll=2, windows=1, lower=Config(unroll_steps=2, precision="fp16"))
+
+
+# -- 6. task batching: one vmapped inner loop equals T sequential ones -------------------------
+TASKS, SUPPORT, QUERY, META_LR = 4, 5, 6, 0.1
+
+
+def task_sets(seed: int, windows: int) -> list[tuple[Tensor, ...]]:
+    """Per window: support x, y and query x, y of TASKS regression tasks, stacked."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(windows):
+        phase = torch.rand(TASKS, 1, 1, generator=gen, dtype=DT) * 3
+        xs = [torch.randn(TASKS, n, 3, generator=gen, dtype=DT) for n in (SUPPORT, QUERY)]
+        ys = [torch.sin(x.sum(-1, keepdim=True) + phase) for x in xs]
+        out.append((xs[0], ys[0], xs[1], ys[1]))
+    return out
+
+
+class Adapt(TaskBatchedProblem):
+    def initial_parameters(self):
+        return self.meta.module
+
+    def on_inner_loop_start(self):
+        self.tasks = next(self.sampler)
+
+    def get_batch(self):
+        return self.tasks[0], self.tasks[1]
+
+    def training_step(self, batch):
+        x, y = batch
+        assert x.shape == (SUPPORT, 3)  # written for ONE task
+        return {"loss": F.mse_loss(self.module(x), y), "note": "not a tensor: not logged"}
+
+
+class Meta(ImplicitProblem):
+    def get_batch(self):
+        return self.adapt.tasks[2], self.adapt.tasks[3]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.adapt(x), y)  # [T, QUERY, 1]: each task's adapted model
+
+    def grad_callback(self, grads):
+        self.record.append([g.clone() for g in grads])
+
+
+def maml(make_opt, *, unroll: int, windows: int) -> tuple[Engine, Meta, Adapt]:
+    meta_net, template = mlp(0), mlp(1)
+    meta = Meta("meta", Config(first_order=False), module=meta_net,
+                optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+    meta.record = []
+    adapt = Adapt("adapt", Config(unroll_steps=unroll), module=template,
+                  optimizer=make_opt(template))
+    adapt.sampler = iter(task_sets(3, windows))
+    engine = Engine([meta, adapt], EngineConfig(train_iters=unroll * windows),
+                    {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
+    return engine, meta, adapt
+
+
+def sequential_maml(rule, *, unroll: int, windows: int) -> tuple[list[list[Tensor]], list]:
+    """The reference: per window, each task adapted by its own loop from theta (fresh
+    optimizer state), query losses averaged, theta stepped by SGD."""
+    init, update = rule
+    theta = [p.detach().clone() for p in weights(mlp(0))]
+    grads, adapted = [], []
+    for xs, ys, xq, yq in task_sets(3, windows):
+        theta = [p.detach().requires_grad_() for p in theta]
+        meta_loss, adapted = 0.0, []
+        for t in range(TASKS):
+            w, state = list(theta), init(theta)
+            for k in range(unroll):
+                loss = F.mse_loss(mlp_apply(w, xs[t]), ys[t])
+                g = torch.autograd.grad(loss, w, create_graph=True)
+                w, state = update(w, g, state, k + 1)
+            adapted.append(w)
+            meta_loss = meta_loss + F.mse_loss(mlp_apply(w, xq[t]), yq[t]) / TASKS
+        grads.append(list(torch.autograd.grad(meta_loss, theta)))
+        theta = [p - META_LR * g for p, g in zip(theta, grads[-1])]
+    return grads, [torch.stack([w[i] for w in adapted]).detach() for i in range(4)]
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
+def test_task_batched_maml_matches_sequential_loops(name):
+    if name == "sgd_momentum":
+        def make(net):
+            return torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
+        rule = sgd_momentum(0.3, 0.5, 0.0)
+    else:
+        def make(net):
+            return torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-3)
+        rule = adam(0.05, 0.8, 0.9, 1e-3)
+    engine, meta, adapt = maml(make, unroll=3, windows=2)
+    engine.run()
+    expected, adapted = sequential_maml(rule, unroll=3, windows=2)
+    assert len(meta.record) == 2
+    for got, want in zip(meta.record, expected):
+        assert rel_err(got, want) < EXACT
+    got = adapt.adapted_parameters()
+    assert list(got) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert got["0.weight"].shape == (TASKS, 4, 3)
+    assert rel_err(list(got.values()), adapted) < EXACT
+    assert not adapt.optimizer.state  # each window starts every task afresh
+
+
+def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
+    """`adapt` (e.g. in validation) without a graph; BatchNorm statistics per task."""
+    net = bn_net()
+    problem = Adapt("adapt", Config(unroll_steps=2), module=net,
+                    optimizer=torch.optim.SGD(net.parameters(), lr=0.2))
+    problem.initial_parameters = lambda: None  # start from its own module
+    lead = Hyper()
+    meta = Meta("meta", Config(first_order=False), module=lead,
+                optimizer=torch.optim.SGD(lead.parameters(), lr=0.1))
+    Engine([meta, problem], EngineConfig(train_iters=0),
+           {"u2l": {meta: [problem]}, "l2u": {problem: [meta]}})
+    xs, ys, xq, _ = task_sets(4, 1)[0]
+    with torch.no_grad():
+        adapted = problem.adapt((xs, ys), steps=3)
+        net.eval()
+        out = problem(xq)
+        net.train()
+    assert out.shape == (TASKS, QUERY, 1) and not out.requires_grad
+    for t in range(TASKS):  # plain torch: a copy of the module trained on task t alone
+        plain = copy.deepcopy(net)
+        opt = torch.optim.SGD(plain.parameters(), lr=0.2)
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(plain(xs[t]), ys[t]).backward()
+            opt.step()
+        for name, p in plain.named_parameters():
+            assert torch.allclose(adapted[name][t], p, rtol=1e-12, atol=1e-14)
+        plain.eval()
+        assert torch.allclose(out[t], plain(xq[t]), rtol=1e-12, atol=1e-14)  # running stats
+    assert int(net[1].num_batches_tracked) == 0  # the module's own buffers are untouched
+
+
+def test_task_batched_problem_needs_reverse_mode_uppers():
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1)
+    meta_net, template = mlp(0), mlp(1)
+    meta = Meta("meta", Config(first_order=True), module=meta_net,
+                optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+    adapt = Adapt("adapt", Config(unroll_steps=2), module=template, optimizer=make(template))
+    with pytest.raises(ConfigError, match=r"'adapt'.*first_order=False"):
+        Engine([meta, adapt], EngineConfig(train_iters=2),
+               {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
