@@ -219,6 +219,7 @@ class Engine:
             return
         self.train()
         config = self.config
+        self.logger.open()  # start the wandb run, open event files: before the first step
         progress = ProgressBar(self.problems, total=config.train_iters,
                                initial=self.global_step,
                                enabled=config.progress_bar and self.strategy.is_main)

@@ -38,7 +38,8 @@ def axpy(alpha: Tensor | float, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vec
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den``, and 0 where ``den`` is 0 (an exactly converged solve stays finite)."""
     zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    safe = torch.where(zero, torch.ones_like(den), den)
+    return torch.where(zero, torch.zeros_like(num), num / safe)
 
 
 @overload

@@ -163,8 +163,10 @@ class ProgramPicture:
         figure.canvas.draw()  # box sizes are known after a first draw
         for lower, upper in self.l2u:
             _arrow(ax, boxes[lower], boxes[upper], L2U_COLOR, "-", 0.0)
-        for upper, lower in self.u2l:
-            _arrow(ax, boxes[upper], boxes[lower], U2L_COLOR, "--", 0.35)
+        level = {n.name: n.level for n in self.nodes}
+        for upper, lower in self.u2l:  # bend further around the levels in between
+            rad = 0.35 + 0.3 * max(0, level[lower] - level[upper] - 1)
+            _arrow(ax, boxes[upper], boxes[lower], U2L_COLOR, "--", rad)
         xs = [p[0] for p in xy.values()] or [0.0]
         ys = [p[1] for p in xy.values()] or [0.0]
         ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)

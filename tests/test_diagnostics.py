@@ -19,7 +19,7 @@ import torch
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
-from betty.diagnostics import DiagnosticWarning, Diagnostics, path_label
+from betty.diagnostics import Diagnostics, DiagnosticWarning, path_label
 from betty.hypergradient import Hop, cg, neumann
 from betty.linalg import solve_cg, spectral_radius
 from betty.logging import RunLogger

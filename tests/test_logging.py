@@ -61,7 +61,8 @@ class Spy(Engine):
         super().__init__(*args, **kwargs)
 
     def log_metrics(self, name, metrics, step):
-        self.seen[(name, step)] = {k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}
+        self.seen[(name, step)] = {k: float(torch.as_tensor(v).detach())
+                                   for k, v in metrics.items()}
         super().log_metrics(name, metrics, step)
 
     def validation(self):

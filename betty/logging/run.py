@@ -24,8 +24,8 @@ _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wan
 
 
 class RunLogger:
-    """Buffers records per global step; opens its backends on first use, closes them at
-    the end of `Engine.run` (a later run opens them again).
+    """Buffers records per global step. `Engine.run` opens the backends when it starts
+    and closes them when it ends (a later run opens them again).
 
     Args:
         factories: one callable per backend (TensorBoard, wandb, CSV), called lazily.
@@ -66,13 +66,22 @@ class RunLogger:
         records = records_to_host(pending)
         if self.console is not None:
             self.console.write(records, global_step=self._pending_step)
-        for backend in self._open():
+        for backend in self.open():
             backend.write(records, global_step=self._pending_step)
 
-    def _open(self) -> list[Logger]:
-        if self.backends is None:
-            self.backends = [factory() for factory in self.factories]
-        return self.backends
+    def open(self) -> list[Logger]:
+        """Open the backends (start a wandb run, ...) unless open; else done on first use."""
+        if self.backends is None and self.factories:
+            opened: list[Logger] = []
+            try:
+                for factory in self.factories:
+                    opened.append(factory())
+            except BaseException:
+                for backend in opened:
+                    backend.close()
+                raise
+            self.backends = opened
+        return self.backends or []
 
     def close(self) -> None:
         """Flush, then close the backends (finishes a wandb run this logger started)."""
