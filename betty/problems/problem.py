@@ -445,6 +445,11 @@ class Problem(ProblemHooks):
             self.scheduler.step()
         return True
 
+    def _p_reads_gradient(self) -> bool:
+        """Only sama reads the stepped gradient, and SGD's P does not depend on it: keep a
+        gradient's worth of memory alive only when it is needed."""
+        return self._config.type == "sama" and not isinstance(self.optimizer, torch.optim.SGD)
+
     def update_jacobian(self) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
         and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
@@ -452,10 +457,10 @@ class Problem(ProblemHooks):
         if self.optimizer is None:
             return [torch.zeros_like(p) for p in params]
         own = [p for group in self.optimizer.param_groups for p in group["params"]]
-        last = {id(p): g for p, g in zip(params, self._last_grads)}
+        last = {id(p): g for p, g in zip(params, self._last_grads) if g is not None}
+        grads = [last[id(p)] if id(p) in last else torch.zeros_like(p) for p in own]
         try:  # the strategy reads sharded optimizer state (ZeRO) where it must
-            diag = strategy_of(self).update_jacobian_diag(
-                self.optimizer, own, [last.get(id(p), torch.zeros_like(p)) for p in own])
+            diag = strategy_of(self).update_jacobian_diag(self.optimizer, own, grads)
         except TypeError as err:
             raise HypergradientError(f"problem '{self._name}' (Config.type='sama'): {err}") \
                 from None
@@ -465,9 +470,6 @@ class Problem(ProblemHooks):
     def accumulate(self, grads: list[Tensor | None]) -> None:
         """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
         params = self.trainable_parameters()
-        if self._config.type == "sama":  # only sama's P reads it; it holds a gradient's memory
-            self._last_grads = [torch.zeros_like(p) if g is None else g.detach()
-                                for p, g in zip(params, grads)]
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -484,6 +486,8 @@ class Problem(ProblemHooks):
         stepped = self._precision.step(self, params)
         if stepped:
             self.run_param_callback(params)
+        if self._p_reads_gradient():  # sama's P at the gradient actually stepped (unscaled,
+            self._last_grads = [p.grad for p in params]  # clipped, all micro-batches)
         for p in params:
             p.grad = None
         if step_scheduler and self.scheduler is not None:
