@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
-from betty.errors import ConfigError, ProblemDefinitionError
+from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
 from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 
 DT = torch.float64
@@ -556,7 +556,7 @@ def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
     assert int(net[1].num_batches_tracked) == 0  # the module's own buffers are untouched
 
 
-def test_task_batched_problem_needs_reverse_mode_uppers():
+def test_task_batched_program_errors_before_training():
     def make(net):
         return torch.optim.SGD(net.parameters(), lr=0.1)
     meta_net, template = mlp(0), mlp(1)
@@ -566,3 +566,20 @@ def test_task_batched_problem_needs_reverse_mode_uppers():
     with pytest.raises(ConfigError, match=r"'adapt'.*first_order=False"):
         Engine([meta, adapt], EngineConfig(train_iters=2),
                {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
+    meta = Meta("meta", Config(first_order=False), module=bn_net(),  # another architecture
+                optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+    adapt = Adapt("adapt", Config(unroll_steps=2), module=template, optimizer=make(template))
+    with pytest.raises(ProblemDefinitionError, match=r"'adapt'.*initial_parameters\(\)"):
+        Engine([meta, adapt], EngineConfig(train_iters=2),
+               {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
+
+
+def test_task_batch_shapes_are_checked():
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1)
+    engine, _, adapt = maml(make, unroll=2, windows=1)
+    xs, ys, xq, yq = task_sets(3, 1)[0]
+    adapt.sampler = iter([(xs, ys[:3], xq, yq)])
+    shapes = r"\(4, 5, 3\), \(3, 5, 1\)"
+    with pytest.raises(TrainingError, match=rf"'adapt'.*leading dimension T.*{shapes}"):
+        engine.run()

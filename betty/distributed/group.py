@@ -51,7 +51,6 @@ class Group:
     backend: str
     timeout: datetime.timedelta
     owned: bool  # betty initialised it, so betty destroys it at exit
-    store: Any = None  # the group's key-value store (kept alive for failure reports)
 
 
 def launched() -> bool:
@@ -94,7 +93,7 @@ def open_group(strategy: str, *, backend: str, timeout_s: float, cpu: bool = Fal
         local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         device = pick_device(local, cpu=cpu)
         return Group(rank, world, local, device, str(dist.get_backend()), timeout,
-                     owned=False, store=_default_store())
+                     owned=False)
     if not launched():
         missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
         raise ConfigError(
@@ -110,14 +109,18 @@ def open_group(strategy: str, *, backend: str, timeout_s: float, cpu: bool = Fal
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     group = Group(dist.get_rank(), dist.get_world_size(), local, device, chosen, timeout,
-                  owned=True, store=_default_store())
+                  owned=True)
     atexit.register(close_group, group)
     log.info("rank %d of %d on %s (backend %s)", group.rank, group.world_size, device, chosen)
     return group
 
 
 def _default_store() -> Any:
-    try:  # the store c10d rendezvoused with; private, so failure reports are best effort
+    """The store c10d rendezvoused with (private API: failure reports are best effort).
+    Taken only when a failure is reported, so that no reference outlives the group."""
+    if not dist.is_initialized():
+        return None
+    try:
         return dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):
         return None
@@ -125,7 +128,6 @@ def _default_store() -> Any:
 
 def close_group(group: Group) -> None:
     """Destroy the default process group if betty created it and it is still open."""
-    group.store = None  # release the store before the interpreter tears torch down
     if group.owned and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -140,7 +142,7 @@ def announce_failure(group: Group, error: BaseException, *, wait_s: float = 10.0
     """Tell the other ranks that this one failed with ``error``, break the group so their
     collectives fail now, and give them up to ``wait_s`` to read the message (this
     process may host the store they read it from)."""
-    store = group.store
+    store = _default_store()  # held past the group's end: this process may host it
     if store is not None:
         try:
             store.compare_set(_FAILED, "", f"rank {group.rank}: {describe(error)}")
@@ -162,7 +164,7 @@ def announce_failure(group: Group, error: BaseException, *, wait_s: float = 10.0
 
 def peer_failure(group: Group) -> str | None:
     """The failure message another rank announced, if any (acknowledged once read)."""
-    store = group.store
+    store = _default_store()
     if store is None:
         return None
     try:

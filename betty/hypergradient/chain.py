@@ -39,7 +39,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
 
     method = METHODS[lower.config.type]
     strategy = strategy_of(lower)
-    hop = Hop(lower.trainable_parameters(), upper.trainable_parameters(),
+    hop = Hop(lower._trainable(), upper._trainable(),
               lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices(),
               probe_context=full_precision,
               average=None if strategy.world_size == 1 else strategy.all_average)
@@ -54,14 +54,14 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
     parameters); ``None`` when the path carries nothing (an unused link)."""
     owner = path[0]
     diagnostics = active_diagnostics(owner.engine)
-    vec = _materialize(v, path[1].trainable_parameters())
+    vec = _materialize(v, path[1]._trainable())
     hops = list(zip(path[1:-1], path[2:]))
     for i, (lower, upper) in enumerate(hops):
         if vec is None:
             return None
         report = None if diagnostics is None else diagnostics.reporter(owner.name, lower.name)
         vec = _materialize(hop_through(lower, upper, vec, report=report),
-                           upper.trainable_parameters())
+                           upper._trainable())
         if vec is not None and i < len(hops) - 1:
             # several processes: the next hop needs the global vector (its probe radius and
             # solver are nonlinear in it); the last hop's output is averaged by the caller,

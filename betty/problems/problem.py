@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,6 +78,8 @@ class Problem(ProblemHooks):
         self._cache: dict[str, Any] | None = None
         self._replaying = False
         self._shares_window_graph = False  # set when several uppers backprop one window
+        self._param_cache: list[Tensor] | None = None
+        self._hooks: dict[str, bool] = {}
         self._last_grads: list[Tensor] = []  # latest gradient, for sama's P
         self.ready: list[bool] = []
 
@@ -140,6 +143,7 @@ class Problem(ProblemHooks):
 
     def set_module(self, module: torch.nn.Module) -> None:
         self.module = module
+        self._param_cache = None
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
@@ -195,6 +199,10 @@ class Problem(ProblemHooks):
             )
         self._check_sama_optimizer(engine)
         self._precision = Precision(self._name, self._config, device)
+        self._param_cache = (list(self.trainable_parameters()) if not _overrides(
+            self, "trainable_parameters", ProblemHooks) else None)
+        self._hooks = {name: _overrides(self, name, ProblemHooks)
+                       for name in ("grad_callback", "param_callback")}
         self.ready = [False] * len(self._children)
         self._window_start = True
 
@@ -218,6 +226,12 @@ class Problem(ProblemHooks):
                 f"{err} Config.type darts, neumann and cg work with any optimizer."
             ) from None
 
+    def _trainable(self) -> list[Tensor]:
+        """`trainable_parameters()`, read once at initialize unless a subclass overrides it
+        (the hot path asks for it several times per step)."""
+        cached = self._param_cache
+        return cached if cached is not None else self.trainable_parameters()
+
     def engine_buffers(self) -> list[Tensor]:
         """Buffers of every problem's module (restored after hypergradient probes)."""
         return self._engine.all_buffers() if self._engine is not None else []
@@ -234,8 +248,11 @@ class Problem(ProblemHooks):
     # -- loss ----------------------------------------------------------------------------
     def _loss_and_dict(self, batch: Any) -> tuple[Tensor, dict[str, Any]]:
         assert self._precision is not None
-        with self._precision.autocast():
+        if self._precision.dtype is None:
             out = self.training_step(batch)
+        else:
+            with self._precision.autocast():
+                out = self.training_step(batch)
         if isinstance(out, dict):
             if "loss" not in out:
                 raise TrainingError(
@@ -251,7 +268,8 @@ class Problem(ProblemHooks):
                 f"problem '{self._name}': training_step must return a scalar loss tensor, got "
                 f"{shape} at local step {self._count}; reduce it, e.g. with .mean()"
             )
-        loss = loss.reshape(())
+        if loss.dim() != 0:
+            loss = loss.reshape(())
         return loss, ({"loss": loss} if extras is None else {**extras, "loss": loss})
 
     def hop_loss(self) -> Tensor:
@@ -262,7 +280,7 @@ class Problem(ProblemHooks):
     def check_finite(self, loss: Tensor | None = None) -> None:
         """Raise `TrainingError` if the latest loss is NaN or infinite (one host read)."""
         loss = self._last_loss if loss is None else loss
-        if loss is not None and not bool(torch.isfinite(loss.detach())):
+        if loss is not None and not math.isfinite(loss.item()):
             raise TrainingError(
                 f"problem '{self._name}': loss is {float(loss)} at local step {self._count} "
                 f"(global step {self._engine.global_step if self._engine else '?'}); "
@@ -274,9 +292,9 @@ class Problem(ProblemHooks):
     def _direct_and_heads(self, loss: Tensor, params: list[Tensor]
                           ) -> tuple[list[Tensor | None], list[list[Tensor | None]]]:
         """One backward for this problem's own gradient and every path's first vector."""
-        heads = [path[1].trainable_parameters() for path in self._implicit_paths()]
+        heads = [path[1]._trainable() for path in self._implicit_paths()]
         inputs: list[Tensor] = list(params)
-        index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)}
+        index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)} if heads else {}
         for head in heads:
             for p in head:
                 if id(p) not in index:
@@ -301,7 +319,7 @@ class Problem(ProblemHooks):
 
     def compute_gradients(self, loss: Tensor) -> list[Tensor | None]:
         """Direct gradient plus the hypergradient of every path, for trainable_parameters()."""
-        params = self.trainable_parameters()
+        params = self._trainable()
         reached = False
         if not self._config.first_order and not self._hypergradient_seen:
             reached = self._reverse_paths_reach(loss, params)
@@ -434,7 +452,7 @@ class Problem(ProblemHooks):
         if self.optimizer is not None and "optimizer" in self._cache:
             self.optimizer.load_state_dict(self._cache["optimizer"])
         self._cache = None
-        for p in self.trainable_parameters():
+        for p in self._trainable():
             p.grad = None
         self._replaying = True
         try:
@@ -453,7 +471,7 @@ class Problem(ProblemHooks):
     def update_jacobian(self) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
         and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
-        params = self.trainable_parameters()
+        params = self._trainable()
         if self.optimizer is None:
             return [torch.zeros_like(p) for p in params]
         own = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -469,20 +487,21 @@ class Problem(ProblemHooks):
 
     def accumulate(self, grads: list[Tensor | None]) -> None:
         """Add this micro-batch's gradients into ``.grad`` (then run `grad_callback`)."""
-        params = self.trainable_parameters()
-        for p, g in zip(params, grads):
+        params = self._trainable()
+        for p, g in zip(params, grads):  # autograd.grad outputs: already detached
             if g is None:
                 continue
             if p.grad is None:
-                p.grad = g.detach()
+                p.grad = g
             else:
-                p.grad.add_(g.detach())
-        self.grad_callback([p.grad for p in params])
+                p.grad.add_(g)
+        if self._hooks.get("grad_callback", True) or "grad_callback" in self.__dict__:
+            self.grad_callback([p.grad for p in params])
 
     def optimizer_step(self, *, step_scheduler: bool = True) -> None:
         """unscale -> clip -> step -> scaler update -> param_callback -> clear -> scheduler."""
         assert self._precision is not None
-        params = self.trainable_parameters()
+        params = self._trainable()
         stepped = self._precision.step(self, params)
         if stepped:
             self.run_param_callback(params)
@@ -495,6 +514,8 @@ class Problem(ProblemHooks):
 
     def run_param_callback(self, params: list[Tensor]) -> None:
         """``param_callback(params)``, or ``param_callback()`` for the original's form."""
+        if not self._hooks.get("param_callback", True) and "param_callback" not in self.__dict__:
+            return
         if _param_callback_takes_args(self):
             self.param_callback(params)
         else:

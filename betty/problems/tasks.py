@@ -14,7 +14,8 @@ separate per-task steps. ``torch.func.grad`` builds its graph, so an upper with
 ``Config(first_order=False)`` back-propagates through the K steps to ``θ`` (exact MAML).
 After the window, ``self.<name>(x)`` runs ``forward`` vmapped over the tasks with their
 adapted parameters, so the upper's query loss is one line. Optimizer state starts fresh each
-window (each task is trained from scratch); BatchNorm statistics are kept per task.
+window (each task is trained from scratch); BatchNorm statistics are kept per task; random
+operations (dropout) draw independently per task.
 
 Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning", ICML 2017.
 
@@ -82,7 +83,8 @@ class TaskBatchedProblem(IterativeProblem):
 
     # -- the hook this problem type adds ------------------------------------------------
     def initial_parameters(self) -> torch.nn.Module | Mapping[str, Tensor] | None:
-        """Where every task's adaptation starts, read at each window start.
+        """Where every task's adaptation starts, read at each window start (and once before
+        training, to check names and shapes).
 
         Return a module with this problem's parameter names (e.g. ``self.meta.module`` for
         MAML: gradients then flow to it), or a mapping from parameter names to tensors, or
@@ -116,6 +118,7 @@ class TaskBatchedProblem(IterativeProblem):
         names = {id(p): n for n, p in self.module.named_parameters()}
         self._names = [names[id(p)] for p in self._real]
         slots: dict[int, list[Slot]] = {}
+        self._buffer_names, self._buffer_real = [], []
         for full, buf in self.module.named_buffers(remove_duplicate=False):
             owner, _, leaf = full.rpartition(".")
             if id(buf) not in slots:
@@ -123,6 +126,7 @@ class TaskBatchedProblem(IterativeProblem):
                 self._buffer_real.append(buf)
             slots.setdefault(id(buf), []).append((self.module.get_submodule(owner), leaf))
         self._buffer_slots = [slots[id(b)] for b in self._buffer_real]
+        self._initial_values()  # names and shapes: fail before training
 
     # -- window: per-task copies ---------------------------------------------------------
     def _open_functional_state(self) -> None:
@@ -154,7 +158,7 @@ class TaskBatchedProblem(IterativeProblem):
         if missing:
             raise ProblemDefinitionError(
                 f"problem '{self.name}': initial_parameters() lacks parameters {missing} of "
-                f"the shapes this problem's module has; return a module of the same "
+                "the shapes this problem's module has; return a module of the same "
                 "architecture (e.g. the upper's module) or a dict name -> tensor"
             )
         return ([params[n] for n in self._names],
@@ -205,8 +209,8 @@ class TaskBatchedProblem(IterativeProblem):
                 loss, extras = self._loss_and_dict(task_batch)
             return loss, {k: v.detach() for k, v in extras.items() if isinstance(v, Tensor)}
 
-        grads, logged = vmap(grad(task_loss, has_aux=True), in_dims=(0, 0, task_dims(batch)))(
-            tuple(w), tuple(self._task_buffers), batch)
+        grads, logged = vmap(grad(task_loss, has_aux=True), in_dims=(0, 0, task_dims(batch)),
+                             randomness="different")(tuple(w), tuple(self._task_buffers), batch)
         means = {k: (v if v.is_floating_point() else v.double()).mean(0)
                  for k, v in logged.items()}
         return list(grads), means
@@ -290,8 +294,8 @@ class TaskBatchedProblem(IterativeProblem):
             with self._task_slots(params, buffers):
                 return self.forward(*a, **kw)
 
-        return vmap(task_forward, in_dims=(0, 0, task_dims(args), task_dims(kwargs)))(
-            tuple(params), tuple(self._task_buffers), args, kwargs)
+        return vmap(task_forward, in_dims=(0, 0, task_dims(args), task_dims(kwargs)),
+                    randomness="different")(tuple(params), tuple(self._task_buffers), args, kwargs)
 
     def hop_loss(self) -> Tensor:
         return Problem.hop_loss(self)  # the module's slots always hold its own parameters

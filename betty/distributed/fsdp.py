@@ -1,0 +1,180 @@
+"""`FullyShard` (``strategy='fsdp'``): parameters and optimizer state sharded with FSDP2.
+
+Each problem's module goes through ``torch.distributed.fsdp.fully_shard``: between global
+steps every rank stores only its shard of each parameter (dim 0 split in ``world_size``
+chunks), and the optimizer (rebuilt over the sharded parameters, same class, defaults and
+param groups) keeps state for that shard only.
+
+Hypergradients need a problem's whole parameters at once (the probes of darts move every
+lower parameter, a Hessian-vector product differentiates through all of them, an upper's
+loss calls its lowers' modules), so during a global step the modules are unsharded: one
+all-gather per module at the step's start, after which betty computes exactly as under
+'distributed' (gradients and Hessian-vector products averaged across ranks). FSDP2's own
+forward hooks are removed: betty takes gradients with ``torch.autograd.grad``, which the
+hooks' gradient reduce-scatter never sees, and it gathers and frees parameters itself.
+
+During a step the gathered parameters are the truth: an optimizer step hands each rank's
+slice of the averaged gradient to its shard, steps the shard, and all-gathers the result;
+shards are re-synchronised from the gathered values (``param_callback`` edits included)
+before each optimizer step and at the step's end, when the gathered copies are freed.
+Validation runs on every rank (the modules are sharded), rank 0 logging its result.
+
+Not supported (each refused with a message): `IterativeProblem` (reverse mode), Config
+``type='sama'`` (its P needs the whole optimizer state), ``precision='fp16'`` (the scaler
+unscales the shards' gradients), ``roll_back``, and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from betty.distributed.data_parallel import DataParallel
+from betty.distributed.zero import retarget_scheduler
+from betty.errors import ConfigError
+
+if TYPE_CHECKING:
+    from betty.engine import Engine
+    from betty.problems.problem import Problem
+
+T = TypeVar("T")
+
+
+class FullyShard(DataParallel):
+    """FSDP2 over a torchrun process group (``EngineConfig.strategy='fsdp'``)."""
+
+    name = "fsdp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sharded: list[torch.nn.Module] = []
+        self._gathered = False
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self, engine: Engine) -> None:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as err:
+            raise ConfigError(f"EngineConfig.strategy='fsdp' needs FSDP2 (fully_shard), "
+                              f"which this PyTorch lacks ({err}); use 'zero'") from None
+        self._check(engine)
+        super().setup(engine)
+        for problem in engine.problems:
+            assert problem.module is not None
+            before = dict(problem.module.named_parameters())
+            fully_shard(problem.module, reshard_after_forward=False)
+            state = problem.module._get_fsdp_state()
+            state._pre_forward_hook_handle.remove()  # betty gathers and frees by itself
+            state._post_forward_hook_handle.remove()
+            self._sharded.append(problem.module)
+            if problem.optimizer is not None:
+                after = dict(problem.module.named_parameters())
+                moved = {id(p): after[name] for name, p in before.items()}
+                self._rebuild_optimizer(problem, moved)
+
+    def _check(self, engine: Engine) -> None:
+        if engine.config.roll_back:
+            raise ConfigError("EngineConfig(roll_back=True) is not supported with "
+                              "strategy='fsdp'; use 'distributed' or 'zero'")
+        for problem in engine.problems:
+            reason = None
+            if getattr(problem, "supports_reverse_mode", False):
+                reason = "an IterativeProblem (reverse mode needs whole parameters)"
+            elif problem.config.type == "sama" and problem.parents:
+                reason = "Config(type='sama') (its P needs the whole optimizer state)"
+            elif problem.config.precision == "fp16":
+                reason = "Config(precision='fp16') (the scaler would see sharded gradients)"
+            if reason is not None:
+                raise ConfigError(f"problem '{problem.name}' is {reason}, which "
+                                  "strategy='fsdp' does not support; use strategy='zero'")
+
+    def _rebuild_optimizer(self, problem: Problem, moved: dict[int, Tensor]) -> None:
+        old = problem.optimizer
+        assert old is not None
+        if old.state:
+            raise ConfigError(f"problem '{problem.name}': its optimizer already has state; "
+                              "strategy='fsdp' shards the optimizer before the first step")
+        groups = [{**group, "params": [moved[id(p)] for p in group["params"]]}
+                  for group in old.param_groups]
+        new = type(old)(groups, **old.defaults)
+        problem.set_optimizer(new)
+        if problem.scheduler is not None and \
+                getattr(problem.scheduler, "optimizer", None) is old:
+            retarget_scheduler(problem.scheduler, old, new)
+
+    # -- gathering and freeing -------------------------------------------------------------
+    @contextmanager
+    def step_context(self, engine: Engine) -> Iterator[None]:
+        """Gather every module for the global step; re-shard (keeping the gathered values,
+        which the step may have edited) and free them at its end."""
+        if self._gathered:  # nested (validation inside a step): already gathered
+            yield
+            return
+        for module in self._sharded:
+            module.unshard()
+        self._gathered = True
+        try:
+            yield
+        finally:
+            self._gathered = False
+            for module in self._sharded:
+                _sync_shards(module, self.rank, self.world_size)
+                module.reshard()
+
+    @contextmanager
+    def optimizer_step(self, problem: Problem) -> Iterator[None]:
+        """Shards take the gathered values and their slice of the gradient; the optimizer
+        steps the shards; the result is gathered again."""
+        module = problem.module
+        if module not in self._sharded:
+            yield
+            return
+        _sync_shards(module, self.rank, self.world_size, with_grads=True)
+        try:
+            yield
+        finally:
+            for fsdp_param in _fsdp_params(module):
+                fsdp_param.sharded_param.grad = None
+            module.reshard()
+            module.unshard()
+
+    def validate(self, engine: Engine, fn: Callable[[], T]) -> T:
+        with self.step_context(engine):
+            result = fn()
+        return self.broadcast_object(result)
+
+    def prepare_checkpoint(self, engine: Engine) -> None:
+        raise ConfigError("checkpoints are not supported with strategy='fsdp' yet; use "
+                          "strategy='zero' (also shards the optimizer state) to checkpoint")
+
+
+def _fsdp_params(module: torch.nn.Module) -> list[Any]:
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    return [p for group in state._fsdp_param_groups for p in group.fsdp_params]
+
+
+def _local_slice(full: Tensor, rank: int, world_size: int, shape: torch.Size) -> Tensor:
+    """This rank's dim-0 chunk of ``full``, as FSDP2 shards it (``torch.chunk``; ranks past
+    the last chunk hold an empty shard)."""
+    chunks = torch.chunk(full, world_size, dim=0)
+    local = chunks[rank] if rank < len(chunks) else full.new_empty(shape)
+    return local if local.shape == shape else full.new_empty(shape)
+
+
+@torch.no_grad()
+def _sync_shards(module: torch.nn.Module, rank: int, world_size: int, *,
+                 with_grads: bool = False) -> None:
+    """Copy each gathered parameter's slice into this rank's shard (and the slice of its
+    ``.grad`` into the shard's gradient)."""
+    for fsdp_param in _fsdp_params(module):
+        full = fsdp_param.unsharded_param
+        shard = fsdp_param.sharded_param
+        shape = fsdp_param.sharded_size
+        shard.to_local().copy_(_local_slice(full.detach(), rank, world_size, shape))
+        if with_grads and full.grad is not None:
+            grad = _local_slice(full.grad, rank, world_size, shape).contiguous()
+            shard.grad = fsdp_param.to_sharded_dtensor(grad)
