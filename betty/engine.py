@@ -187,20 +187,22 @@ class Engine:
         window ended."""
         stack: list[tuple[Problem, Problem | None]] = [(leaf, None)]
         leaf_ended = False
+        timed = self.diagnostics.enabled
         while stack:
             problem, trigger = stack.pop()
             if trigger is not None:
                 problem.ready[problem.children.index(trigger)] = True
                 if not all(problem.ready):
                     continue
-            started = self.diagnostics.clock()  # None unless EngineConfig.diagnostics
+            started = self.diagnostics.clock() if timed else None  # EngineConfig.diagnostics
             if roll_back:
                 ends_window = problem.roll_back_step() and bool(problem.parents)
             else:
                 ends_window = problem.step(global_step=self.global_step)
             if started is not None:
                 self.diagnostics.add_time(problem.name, started)
-            problem.ready = [False] * len(problem.children)
+            if problem.ready:
+                problem.ready = [False] * len(problem.ready)
             leaf_ended = leaf_ended or (problem is leaf and ends_window)
             if ends_window:
                 for parent in reversed(problem.parents):
@@ -224,13 +226,17 @@ class Engine:
                                initial=self.global_step,
                                enabled=config.progress_bar and self.strategy.is_main)
         strategy = self.strategy
+        single = strategy.world_size == 1
         try:
             with checkpoint.deferred_interrupt(config.checkpoint_dir is not None) as stop, \
                     strategy.fail_together():
                 for step in range(self.global_step + 1, config.train_iters + 1):
                     self.global_step = step
-                    with strategy.step_context(self):
+                    if single:
                         self.train_step()
+                    else:
+                        with strategy.step_context(self):
+                            self.train_step()
                     if step % config.valid_step == 0 and self._has_validation():
                         self.stopped_early = self._validate()
                     self._end_step(progress)
@@ -254,9 +260,12 @@ class Engine:
     def _end_step(self, progress: ProgressBar) -> None:
         """After a global step and its validation: emit the step's diagnostics and logged
         records (one host read, one call per logger backend), advance the progress bar."""
-        self.diagnostics.end_step(self.logger, self.global_step)
-        self.logger.flush()
-        progress.update()
+        if self.diagnostics.enabled:
+            self.diagnostics.end_step(self.logger, self.global_step)
+        if self.logger.has_pending():
+            self.logger.flush()
+        if progress.active:
+            progress.update()
 
     # -- checkpoints (betty.checkpoint) --------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:

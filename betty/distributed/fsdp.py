@@ -71,6 +71,9 @@ class FullyShard(DataParallel):
             state._pre_forward_hook_handle.remove()  # betty gathers and frees by itself
             state._post_forward_hook_handle.remove()
             self._sharded.append(problem.module)
+            # its parameters now change identity (shards between steps, gathered copies
+            # inside them): drop the copy of trainable_parameters() read at initialize
+            problem._param_cache = None
             if problem.optimizer is not None:
                 after = dict(problem.module.named_parameters())
                 moved = {id(p): after[name] for name, p in before.items()}

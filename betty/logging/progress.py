@@ -57,9 +57,15 @@ class ProgressBar:
 
     def losses(self) -> str:
         """``name=loss`` of every problem that has stepped (one host read for all)."""
-        named = [(p.name, p._last_loss) for p in self.problems if p._last_loss is not None]
+        named = [(p.name, p._last_loss.detach()) for p in self.problems
+                 if p._last_loss is not None]
         values = to_host([loss for _, loss in named])
         return ", ".join(f"{name}={value:.4g}" for (name, _), value in zip(named, values))
+
+    @property
+    def active(self) -> bool:
+        """Whether a bar is shown (the per-step loop skips `update` otherwise)."""
+        return self._bar is not None
 
     def update(self) -> None:
         """One more global step; refresh the losses only when the bar is due to redraw."""

@@ -58,6 +58,10 @@ class RunLogger:
         self._pending_step = now
         self._pending.append(Record(tag, step, detach(metrics)))
 
+    def has_pending(self) -> bool:
+        """Whether records wait to be emitted (a cheap check for the per-step loop)."""
+        return bool(self._pending)
+
     def flush(self) -> None:
         """Emit the buffered records: one host read, then one call per backend."""
         if not self._pending:

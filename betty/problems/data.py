@@ -69,6 +69,16 @@ class BatchSource:
             raise ProblemDefinitionError(f"{where} is empty; it must yield at least one batch")
 
     def _next(self, index: int) -> Any:
+        loader = self.loaders[index]
+        if type(loader) is list or type(loader) is tuple:  # fast path: no iterator, no RNG
+            position = self.positions[index]
+            if position >= len(loader):
+                if index == 0:
+                    self.on_epoch_end()
+                self.epochs[index] += 1
+                position = 0
+            self.positions[index] = position + 1
+            return loader[position]
         iterator = self.iterators[index]
         if iterator is None:
             iterator = self._start(index)

@@ -207,7 +207,7 @@ class IterativeProblem(Problem):
             new_state = _detach(new_state)
         self._w, self._fstate = new_w, new_state
         self._swap_in(self._w)
-        if step_scheduler and not self._rolls_back() and self.scheduler is not None:
+        if step_scheduler and not self._will_roll_back() and self.scheduler is not None:
             self.scheduler.step()
         if self._count % (self.config.unroll_steps * gas) == 0:
             self._write_back()

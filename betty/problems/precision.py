@@ -54,6 +54,7 @@ class Precision:
         self.dtype = _DTYPES.get(config.precision)
         self.clip = config.gradient_clipping
         self.skipped_steps = 0
+        self.plain = self.dtype is None and self.clip <= 0  # nothing to do around a step
         self.scaler: torch.amp.GradScaler | None = None
         if config.precision == "fp16":
             self.scaler = torch.amp.GradScaler(

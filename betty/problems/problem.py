@@ -80,6 +80,10 @@ class Problem(ProblemHooks):
         self._shares_window_graph = False  # set when several uppers backprop one window
         self._param_cache: list[Tensor] | None = None
         self._hooks: dict[str, bool] = {}
+        self._strategy: Any = None
+        self._diagnostics: Any = None
+        self._roll_back = False
+        self._keeps_gradient = False
         self._last_grads: list[Tensor] = []  # latest gradient, for sama's P
         self.ready: list[bool] = []
 
@@ -202,7 +206,12 @@ class Problem(ProblemHooks):
         self._param_cache = (list(self.trainable_parameters()) if not _overrides(
             self, "trainable_parameters", ProblemHooks) else None)
         self._hooks = {name: _overrides(self, name, ProblemHooks)
-                       for name in ("grad_callback", "param_callback")}
+                       for name in ("grad_callback", "param_callback", "custom_optimizer_step")}
+        self._strategy = strategy_of(self)
+        self._diagnostics = active_diagnostics(engine)
+        self._roll_back = bool(self._parents) and engine.config.roll_back
+        self._keeps_gradient = (self._config.type == "sama"
+                                and not isinstance(self.optimizer, torch.optim.SGD))
         self.ready = [False] * len(self._children)
         self._window_start = True
 
@@ -243,7 +252,8 @@ class Problem(ProblemHooks):
     def get_batch(self) -> Any:
         """Next training batch (override to generate batches without a loader)."""
         assert self._source is not None
-        return move_to(self._source.next_batch(), self._device)
+        batch = self._source.next_batch()
+        return batch if self._device.type == "cpu" else move_to(batch, self._device)
 
     # -- loss ----------------------------------------------------------------------------
     def _loss_and_dict(self, batch: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -280,9 +290,9 @@ class Problem(ProblemHooks):
     def check_finite(self, loss: Tensor | None = None) -> None:
         """Raise `TrainingError` if the latest loss is NaN or infinite (one host read)."""
         loss = self._last_loss if loss is None else loss
-        if loss is not None and not math.isfinite(loss.item()):
+        if loss is not None and not math.isfinite(loss.detach().item()):
             raise TrainingError(
-                f"problem '{self._name}': loss is {float(loss)} at local step {self._count} "
+                f"problem '{self._name}': loss is {loss.detach().item()} at local step {self._count} "
                 f"(global step {self._engine.global_step if self._engine else '?'}); "
                 "lower the learning rate, clip gradients (Config.gradient_clipping) or check "
                 "the data"
@@ -323,10 +333,17 @@ class Problem(ProblemHooks):
         reached = False
         if not self._config.first_order and not self._hypergradient_seen:
             reached = self._reverse_paths_reach(loss, params)
+        if not self._paths and strategy_is_single(self._strategy):  # fast path: no hops
+            retain = self._config.retain_graph or self._shares_window_graph
+            if not loss.requires_grad or not self._config.allow_unused:
+                return self._direct_and_heads(loss, params)[0]
+            return list(torch.autograd.grad(loss, params, retain_graph=retain,
+                                            allow_unused=True))
         direct, heads = self._direct_and_heads(loss, params)
-        strategy = strategy_of(self)  # several processes: one all-reduce for all heads
-        heads = strategy.average_nested(heads)
-        diagnostics = active_diagnostics(self._engine)
+        strategy = self._strategy
+        if strategy.world_size > 1:  # several processes: one all-reduce for all heads
+            heads = strategy.average_nested(heads)
+        diagnostics = self._diagnostics
         if diagnostics is not None and self._paths:  # EngineConfig.diagnostics
             diagnostics.record_norm(self._name, "direct_norm", direct)
         total = direct
@@ -345,7 +362,9 @@ class Problem(ProblemHooks):
                 f"'{self._name}'. Fix training_step or dependencies['u2l']"
             )
         self._hypergradient_seen = self._hypergradient_seen or reached
-        return strategy.average_optional(total)  # one all-reduce: direct + hypergradients
+        if strategy.world_size > 1:
+            return strategy.average_optional(total)  # one all-reduce: direct + hypergradients
+        return total
 
     def _reverse_paths_reach(self, loss: Tensor, params: list[Tensor]) -> bool:
         """Reverse mode, checked once: does the loss reach our parameters through the
@@ -379,7 +398,7 @@ class Problem(ProblemHooks):
             self.on_inner_loop_start()
             self._window_start = False
             self._begin_window()
-        elif self._rolls_back() and self._count % self._window_length() == 0:
+        elif self._roll_back and self._count % self._window_length() == 0:
             self._cache = self._snapshot()  # a warm-up window ended without a roll-back
         if self._training:
             self._count += 1
@@ -398,7 +417,7 @@ class Problem(ProblemHooks):
     def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
         """Loss, gradients and (on the last micro-batch) the optimizer step."""
         loss, loss_dict = self._loss_and_dict(batch)
-        self._last_loss = loss.detach()
+        self._last_loss = loss  # read (detached) only when checked
         assert self._precision is not None
         replay = self._replaying  # a roll-back replay is one whole step on one batch
         grads = self.compute_gradients(self._precision.scale(loss, self._config,
@@ -421,8 +440,7 @@ class Problem(ProblemHooks):
 
     # -- roll-back (EngineConfig.roll_back): the window is a look-ahead for the uppers -----
     def _rolls_back(self) -> bool:
-        return bool(self._parents) and self._engine is not None and \
-            self._engine.config.roll_back
+        return self._roll_back
 
     def _window_length(self) -> int:
         return self._config.unroll_steps * self._config.gradient_accumulation
@@ -430,7 +448,7 @@ class Problem(ProblemHooks):
     def _will_roll_back(self) -> bool:
         """Whether the current local step is a look-ahead that its window's end will roll
         back (a warm-up window triggers nothing, so its steps are real ones)."""
-        if not self._rolls_back():
+        if not self._roll_back:
             return False
         length = self._window_length()
         return -(-self._count // length) * length > self._config.warmup_steps
@@ -466,7 +484,7 @@ class Problem(ProblemHooks):
     def _p_reads_gradient(self) -> bool:
         """Only sama reads the stepped gradient, and SGD's P does not depend on it: keep a
         gradient's worth of memory alive only when it is needed."""
-        return self._config.type == "sama" and not isinstance(self.optimizer, torch.optim.SGD)
+        return self._keeps_gradient
 
     def update_jacobian(self) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
@@ -502,10 +520,16 @@ class Problem(ProblemHooks):
         """unscale -> clip -> step -> scaler update -> param_callback -> clear -> scheduler."""
         assert self._precision is not None
         params = self._trainable()
-        stepped = self._precision.step(self, params)
-        if stepped:
+        if self._precision.plain and self._strategy is not None \
+                and self._strategy.world_size == 1:
+            self._optimizer_step_here()  # fp32, no clipping, one process: nothing around it
+            stepped = True
+        else:
+            stepped = self._precision.step(self, params)
+        if stepped and (self._hooks.get("param_callback", True)
+                        or "param_callback" in self.__dict__):
             self.run_param_callback(params)
-        if self._p_reads_gradient():  # sama's P at the gradient actually stepped (unscaled,
+        if self._keeps_gradient:  # sama's P at the gradient actually stepped (unscaled,
             self._last_grads = [p.grad for p in params]  # clipped, all micro-batches)
         for p in params:
             p.grad = None
@@ -523,11 +547,17 @@ class Problem(ProblemHooks):
 
     def run_optimizer(self) -> None:
         """``custom_optimizer_step`` if overridden, else ``optimizer.step()``."""
-        with strategy_of(self).optimizer_step(self):  # FSDP: gradients to the shards
-            if _overrides(self, "custom_optimizer_step", ProblemHooks):
-                self.custom_optimizer_step()
-            elif self.optimizer is not None:
-                self.optimizer.step()
+        if self._strategy is not None and self._strategy.world_size > 1:
+            with self._strategy.optimizer_step(self):  # FSDP: gradients to the shards
+                self._optimizer_step_here()
+        else:
+            self._optimizer_step_here()
+
+    def _optimizer_step_here(self) -> None:
+        if self._hooks.get("custom_optimizer_step", False):
+            self.custom_optimizer_step()
+        elif self.optimizer is not None:
+            self.optimizer.step()
 
     def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> bool:
         log_step = self._config.log_step
@@ -589,6 +619,10 @@ class Problem(ProblemHooks):
             self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and self._precision is not None and self._precision.scaler:
             self._precision.scaler.load_state_dict(state["scaler"])
+
+
+def strategy_is_single(strategy: Any) -> bool:
+    return strategy is None or strategy.world_size == 1
 
 
 def _given(from_hook: Any, from_constructor: Any) -> Any:
