@@ -292,7 +292,8 @@ class Problem(ProblemHooks):
         loss = self._last_loss if loss is None else loss
         if loss is not None and not math.isfinite(loss.detach().item()):
             raise TrainingError(
-                f"problem '{self._name}': loss is {loss.detach().item()} at local step {self._count} "
+                f"problem '{self._name}': loss is {loss.detach().item()} at local step "
+                f"{self._count} "
                 f"(global step {self._engine.global_step if self._engine else '?'}); "
                 "lower the learning rate, clip gradients (Config.gradient_clipping) or check "
                 "the data"
