@@ -49,6 +49,7 @@ from betty.problems import ImplicitProblem, IterativeProblem
 METHODS = ("cg", "reverse")
 DATASETS = ("synthetic", "breast_cancer")
 PLOT = Path(__file__).with_name("hpo.png")
+QUICK = {"train_iters": 600, "grid_size": 5}  # --quick: seconds, for the test suite
 MAX_LAM = 10.0  # the classifier's SGD (lr 0.25, momentum 0.9) is stable for lam < 13
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -260,8 +261,8 @@ def run_dataset(name: str, *, method: str, seed: int, train_iters: int, grid_siz
 
 
 def run(datasets: tuple[str, ...] = DATASETS, method: str = "cg", seed: int = 0,
-        train_iters: int = 3000, grid_size: int = 25, unroll: int = 10, warmup: int = 200,
-        hpo_lr: float = 0.05, valid_step: int = 50, plot: str | Path | None = None) -> dict:
+        train_iters: int = 10000, grid_size: int = 25, unroll: int = 10, warmup: int = 200,
+        hpo_lr: float = 0.05, valid_step: int = 100, plot: str | Path | None = None) -> dict:
     """Learn per-weight decays on each dataset and compare with the grid-searched scalar."""
     start = time.perf_counter()
     results = {name: run_dataset(name, method=method, seed=seed, train_iters=train_iters,
@@ -311,15 +312,14 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=METHODS, default="cg")
-    parser.add_argument("--iters", type=int, default=3000, help="global steps per dataset")
+    parser.add_argument("--iters", type=int, default=10000, help="global steps per dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # tiny models: more threads only add overhead
-    quick = {"train_iters": 400, "grid_size": 5} if args.quick else {}
-    kwargs = {"train_iters": args.iters, "grid_size": 25, **quick}
+    kwargs = QUICK if args.quick else {"train_iters": args.iters}
     result = run(method=args.method, seed=args.seed, plot=args.plot or None, **kwargs)
 
     for name, res in result["datasets"].items():
