@@ -40,6 +40,7 @@ from betty.distributed.group import (
 )
 from betty.distributed.sampling import shard_loader
 from betty.distributed.strategy import Strategy
+from betty.errors import BettyError, ConfigError, DependencyError, ProblemDefinitionError
 
 if TYPE_CHECKING:
     from betty.configs import EngineConfig
@@ -48,6 +49,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("betty")
 T = TypeVar("T")
+
+
+def _caused_by_peer(error: BaseException, message: str) -> bool:
+    """Whether ``error`` here is the consequence of the failure another rank announced
+    (``message``): a runtime error of a collective, not an error of this rank's own."""
+    if isinstance(error, BettyError) or not isinstance(error, RuntimeError):
+        return False
+    return message.split(": ", 1)[-1] != describe(error)
 
 
 class _AllAverage(torch.autograd.Function):
@@ -174,19 +183,22 @@ class DataParallel(Strategy):
     @contextmanager
     def fail_together(self) -> Iterator[None]:
         """Re-raise a failure here after telling every rank; a failure caused by another
-        rank's failure becomes `PeerFailure` with that rank's message."""
+        rank's failure (a broken collective) becomes `PeerFailure` with that rank's
+        message. An error every rank raises by itself (a bad config) stays as it is."""
         try:
             yield
-        except PeerFailure:
-            raise
+        except (PeerFailure, ConfigError, DependencyError, ProblemDefinitionError):
+            raise  # a program's definition fails the same way on every rank: nothing to tell
         except BaseException as err:
             if self.world_size == 1:
                 raise
             message = peer_failure(self.group)
-            if message is not None:
+            if message is None:
+                log.error("rank %d failed (%s); ending the other ranks", self.rank,
+                          describe(err))
+                announce_failure(self.group, err)
+            elif _caused_by_peer(err, message):
                 raise PeerFailure(f"{message} (reported to rank {self.rank})") from err
-            log.error("rank %d failed (%s); ending the other ranks", self.rank, describe(err))
-            announce_failure(self.group, err)
             raise
 
     def shutdown(self) -> None:

@@ -26,6 +26,7 @@ def sama(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     """SAMA hop: the DARTS central difference applied to ``P v``."""
     if hop.update_jacobian is None:
         raise RuntimeError("sama needs the lower problem's optimizer (Hop.update_jacobian)")
-    pv = torch._foreach_mul(list(v), hop.update_jacobian())  # then v and P can be freed
+    pv = list(v)  # the chain hands each hop a vector of its own: scale it in place, so
+    torch._foreach_mul_(pv, hop.update_jacobian())  # sama needs no memory beyond darts
     return central_difference(hop, pv, config.sama_adam_alpha,
                               restore=not config.sama_multitask)

@@ -418,7 +418,7 @@ class Problem(ProblemHooks):
     def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
         """Loss, gradients and (on the last micro-batch) the optimizer step."""
         loss, loss_dict = self._loss_and_dict(batch)
-        self._last_loss = loss  # read (detached) only when checked
+        self._last_loss = loss.detach()  # read only when checked
         assert self._precision is not None
         replay = self._replaying  # a roll-back replay is one whole step on one batch
         grads = self.compute_gradients(self._precision.scale(loss, self._config,
@@ -494,8 +494,11 @@ class Problem(ProblemHooks):
         if self.optimizer is None:
             return [torch.zeros_like(p) for p in params]
         own = [p for group in self.optimizer.param_groups for p in group["params"]]
-        last = {id(p): g for p, g in zip(params, self._last_grads) if g is not None}
-        grads = [last[id(p)] if id(p) in last else torch.zeros_like(p) for p in own]
+        if self._keeps_gradient:
+            last = {id(p): g for p, g in zip(params, self._last_grads) if g is not None}
+            grads = [last[id(p)] if id(p) in last else torch.zeros_like(p) for p in own]
+        else:  # SGD's P does not read the gradient: pass the parameters, allocate nothing
+            grads = list(own)
         try:  # the strategy reads sharded optimizer state (ZeRO) where it must
             diag = strategy_of(self).update_jacobian_diag(self.optimizer, own, grads)
         except TypeError as err:
