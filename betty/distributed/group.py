@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import logging
 import os
 import time
@@ -127,9 +128,16 @@ def _default_store() -> Any:
 
 
 def close_group(group: Group) -> None:
-    """Destroy the default process group if betty created it and it is still open."""
+    """Destroy the default process group if betty created it and it is still open.
+
+    Runs at exit. Garbage engines (reference cycles) still hold the group through ZeRO or
+    FSDP objects: collecting them first lets the destruction join the group's worker
+    threads. A gloo worker that releases a finished collective while the interpreter
+    finalizes aborts the process, so the workers also get a moment to finish."""
     if group.owned and dist.is_initialized():
+        gc.collect()  # engines are reference cycles; they hold the group (ZeRO, FSDP)
         dist.destroy_process_group()
+        time.sleep(0.05)
 
 
 # -- failures ------------------------------------------------------------------------------
