@@ -47,7 +47,8 @@ def hypergradient(precision: str, method: str, blow_up: float = 1.0):
                   torch.optim.SGD(wnet.parameters(), lr=0.0), train_data_loader=[(x, y)])
     seen = []
     upper.grad_callback = lambda grads: seen.append([g.detach().float().clone() for g in grads])
-    engine = Engine([upper, lower], EngineConfig(train_iters=1, strategy="gpu" if DEV == "cuda" else "cpu"),
+    strategy = "gpu" if DEV == "cuda" else "cpu"
+    engine = Engine([upper, lower], EngineConfig(train_iters=1, strategy=strategy),
                     {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
     engine.run()
     return torch.cat([g.flatten() for g in seen[0]]), lower
