@@ -41,7 +41,7 @@ def hypergradient(precision: str, method: str, blow_up: float = 1.0):
                                torch.nn.Sigmoid()).to(DEV)
     lower = Lower("lower", Config(type=method, precision=precision, cg_iterations=3,
                                   neumann_iterations=3, neumann_alpha=0.1),
-                  net, torch.optim.SGD(net.parameters(), lr=0.0), train_data_loader=[(x, y)],
+                  net, torch.optim.SGD(net.parameters(), lr=0.05), train_data_loader=[(x, y)],
                   extra_config={"blow_up": blow_up})
     upper = Upper("weights", Config(precision=precision), wnet,
                   torch.optim.SGD(wnet.parameters(), lr=0.0), train_data_loader=[(x, y)])

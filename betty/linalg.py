@@ -28,6 +28,17 @@ def norm(a: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(a))))
 
 
+def unit(a: Sequence[Tensor]) -> tuple[Vector, Tensor]:
+    """``(a / ||a||, ||a||)``; a zero vector stays zero (scale 0, no NaN, no host read).
+
+    Second-order hops solve on the unit vector and scale the result back: the vectors they
+    receive carry the fp16 loss scale (thousands), which would overflow Hessian-vector
+    products evaluated under autocast."""
+    scale = norm(a)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch._foreach_div(list(a), safe), scale
+
+
 def axpy(alpha: Tensor | float, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vector:
     """``y + alpha * x`` as a new list."""
     if isinstance(alpha, Tensor):

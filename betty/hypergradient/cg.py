@@ -15,7 +15,7 @@ from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector
-from betty.linalg import norm, solve_cg
+from betty.linalg import norm, solve_cg, unit
 
 
 def cg(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
@@ -26,7 +26,8 @@ def cg(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     def matvec(p: list[Tensor]) -> list[Tensor]:
         return torch._foreach_mul(hop.hvp(p), alpha)
 
-    b = torch._foreach_mul(list(v), alpha)
+    direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
+    b = torch._foreach_mul(direction, alpha)
     if hop.report is None:
         x = solve_cg(matvec, b, iterations=config.cg_iterations)
     else:
@@ -34,4 +35,4 @@ def cg(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
                                return_residual=True)
         tiny = torch.finfo(residual.dtype).tiny
         hop.report("cg_residual", residual / torch.clamp_min(norm(b), tiny))
-    return [None if m is None else torch.neg(m) for m in hop.mixed(x)]
+    return [None if m is None else m * -scale.to(m.dtype) for m in hop.mixed(x)]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector
-from betty.linalg import axpy, neumann_series, spectral_radius
+from betty.linalg import axpy, neumann_series, spectral_radius, unit
 
 POWER_ITERATIONS = 8  # diagnostics only: Hessian-vector products to estimate the radius
 
@@ -24,8 +23,9 @@ def neumann(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     of the spectral radius of ``I - alpha H`` (< 1 iff the series converges on ``v``) as
     ``neumann_rho``."""
     alpha = config.neumann_alpha
-    x = neumann_series(hop.hvp, v, iterations=config.neumann_iterations, alpha=alpha)
+    direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
+    x = neumann_series(hop.hvp, direction, iterations=config.neumann_iterations, alpha=alpha)
     if hop.report is not None:
         hop.report("neumann_rho", spectral_radius(lambda p: axpy(-alpha, hop.hvp(p), p), v,
                                                   iterations=POWER_ITERATIONS))
-    return [None if m is None else torch.neg(m) for m in hop.mixed(x)]
+    return [None if m is None else m * -scale.to(m.dtype) for m in hop.mixed(x)]
