@@ -111,7 +111,7 @@ class Hop:
             return [None] * len(self.lam)
         out = torch.autograd.grad(g, self.lam, grad_outputs=list(x), retain_graph=True,
                                   allow_unused=True)
-        return [None if t is None else t.detach() for t in out]
+        return list(out)  # no create_graph: already free of the graph
 
     # -- first-order closures ----------------------------------------------------------
     def upper_grads_at(self, direction: Sequence[Tensor], scales: Sequence[Tensor],

@@ -421,8 +421,10 @@ class Problem(ProblemHooks):
         self._last_loss = loss.detach()  # read only when checked
         assert self._precision is not None
         replay = self._replaying  # a roll-back replay is one whole step on one batch
-        grads = self.compute_gradients(self._precision.scale(loss, self._config,
-                                                             whole_step=replay))
+        precision = self._precision
+        if precision.scaler is not None or self._config.gradient_accumulation != 1:
+            loss = precision.scale(loss, self._config, whole_step=replay)
+        grads = self.compute_gradients(loss)
         self.accumulate(grads)
         if replay or self._count % self._config.gradient_accumulation == 0:
             self.optimizer_step(step_scheduler=step_scheduler and not self._will_roll_back())
