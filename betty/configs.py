@@ -68,8 +68,11 @@ class Config:
     cg_iterations: int = 1
     cg_alpha: float = 1.0
     truncation_steps: int = 0  # ours: reverse mode back-propagates the last N updates only
+    fp16: bool = False  # the original's earlier spelling of precision="fp16"
 
     def __post_init__(self) -> None:
+        if self.fp16 and self.precision == "fp32":
+            self.precision = "fp16"
         self.validate()
 
     def validate(self) -> None:

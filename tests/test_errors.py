@@ -460,3 +460,10 @@ def test_reverse_mode_edge_that_carries_nothing(inner_uses, outer_uses):
     except HypergradientError as err:
         raised = "'outer'" in str(err)
     assert raised
+
+
+def test_original_fp16_flag_means_precision_fp16():
+    """The original's earlier Config(fp16=True) keeps working: it selects precision='fp16'."""
+    assert Config(fp16=True).precision == "fp16"
+    assert Config(fp16=True, precision="bf16").precision == "bf16"
+    assert Config().precision == "fp32"
