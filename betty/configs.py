@@ -68,6 +68,7 @@ class Config:
     cg_iterations: int = 1
     cg_alpha: float = 1.0
     truncation_steps: int = 0  # ours: reverse mode back-propagates the last N updates only
+    first_order_updates: bool = False  # ours, TaskBatchedProblem: first-order MAML
     fp16: bool = False  # the original's earlier spelling of precision="fp16"
 
     def __post_init__(self) -> None:

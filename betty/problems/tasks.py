@@ -225,20 +225,30 @@ class TaskBatchedProblem(IterativeProblem):
     def _apply(self, grads: list[Tensor], differentiable: bool) -> None:
         assert self._w is not None and self._fstate is not None
         w, state = self._w, self._fstate
+        first_order = self.config.first_order_updates
+        if not differentiable or first_order:
+            grads = [g.detach() for g in grads]
         if not differentiable:
-            w, state, grads = [t.detach() for t in w], _detach(state), \
-                [g.detach() for g in grads]
+            w, state = [t.detach() for t in w], _detach(state)
         if self.config.gradient_clipping > 0:
             grads = self._clip(grads)
         self.grad_callback(grads)
-        self._w, self._fstate = self._fopt.step(w, grads, state)
+        if first_order and differentiable:
+            # first-order MAML: each update is a constant, so d w_K / d w_0 = I and the
+            # upper's gradient at the adapted weights reaches the initialisation unchanged
+            base = [t.detach() for t in w]
+            stepped, self._fstate = self._fopt.step(base, grads, _detach(state))
+            self._w = [t + (new - old) for t, new, old in zip(w, stepped, base)]
+        else:
+            self._w, self._fstate = self._fopt.step(w, grads, state)
         _mark_stepped(self._fopt.optimizer)
 
     def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
         if self._w is None:
             self._start(count_tasks(self.name, batch))
         differentiable = self._differentiable_now()
-        grads, loss_dict = self._task_gradients(batch, differentiable)
+        second_order = differentiable and not self.config.first_order_updates
+        grads, loss_dict = self._task_gradients(batch, second_order)
         self._last_loss = loss_dict["loss"]
         gas = self.config.gradient_accumulation
         if gas > 1:
