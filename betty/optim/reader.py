@@ -157,6 +157,9 @@ class FunctionalOptimizer:
         """
         for what, values in (("params", params), ("grads", grads), ("state", state)):
             self._check(what, values)
+        if self._plain_sgd() and all(g is not None for g in grads):
+            # plain SGD (the MAML inner loop): one multi-tensor kernel per param group
+            return self._plain_sgd_step(params, grads), list(state)  # type: ignore[arg-type]
         new_params: list[Tensor] = []
         new_state: list[State] = []
         for index, _, group in self._groups():
@@ -169,6 +172,25 @@ class FunctionalOptimizer:
             new_params.append(param)
             new_state.append(param_state)
         return new_params, new_state
+
+    def _plain_sgd(self) -> bool:
+        """SGD without momentum, weight decay or maximize, with float learning rates."""
+        if self.rule.name != "SGD":
+            return False
+        return all(not group.get("momentum") and not group.get("weight_decay")
+                   and not group.get("maximize") and isinstance(group["lr"], float)
+                   for group in self.optimizer.param_groups)
+
+    def _plain_sgd_step(self, params: Sequence[Tensor], grads: Sequence[Tensor]
+                        ) -> list[Tensor]:
+        out: list[Tensor] = []
+        start = 0
+        for group in self.optimizer.param_groups:
+            end = start + len(group["params"])
+            out.extend(torch._foreach_add(list(params[start:end]), list(grads[start:end]),
+                                          alpha=-group["lr"]))
+            start = end
+        return out
 
     def update_jacobian_diag(
         self,

@@ -204,13 +204,17 @@ class TaskBatchedProblem(IterativeProblem):
         w = self._w if differentiable else [t.detach() for t in self._w]
 
         def task_loss(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
-                      task_batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+                      task_batch: Any) -> tuple[Tensor, Any]:
             with self._task_slots(params, buffers):
                 loss, extras = self._loss_and_dict(task_batch)
+            if len(extras) == 1:  # only the loss: a bare tensor is cheaper for vmap's pytrees
+                return loss, loss.detach()
             return loss, {k: v.detach() for k, v in extras.items() if isinstance(v, Tensor)}
 
         grads, logged = vmap(grad(task_loss, has_aux=True), in_dims=(0, 0, task_dims(batch)),
                              randomness="different")(tuple(w), tuple(self._task_buffers), batch)
+        if isinstance(logged, Tensor):
+            return list(grads), {"loss": logged.mean(0)}
         means = {k: (v if v.is_floating_point() else v.double()).mean(0)
                  for k, v in logged.items()}
         return list(grads), means
