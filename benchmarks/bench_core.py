@@ -270,8 +270,9 @@ def mwn_hand(args: argparse.Namespace, data: dict[str, Any], steps: int
         with torch.no_grad():
             torch._foreach_copy_(w, torch._foreach_add(origin, torch._foreach_mul(v, eps)))
         g_plus = torch.autograd.grad(mwn_train_loss(clf, wnet, x, y), lam)
-        with torch.no_grad():
-            torch._foreach_copy_(w, torch._foreach_add(origin, torch._foreach_mul(v, -eps)))
+        with torch.no_grad():  # w - eps v as the mirror of the first probe's perturbation
+            torch._foreach_copy_(w, torch._foreach_add(
+                torch._foreach_mul(torch._foreach_sub(w, origin), -1.0), origin))
         g_minus = torch.autograd.grad(mwn_train_loss(clf, wnet, x, y), lam)
         with torch.no_grad():
             torch._foreach_copy_(w, origin)

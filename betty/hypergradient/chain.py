@@ -15,16 +15,18 @@ from torch import Tensor
 from betty.diagnostics import active_diagnostics, path_label
 from betty.distributed.strategy import strategy_of
 from betty.hypergradient import METHODS, Hop, OptionalVector
+from betty.hypergradient.hop import OwnedVector
 
 if TYPE_CHECKING:
     from betty.problems.problem import Problem
 
 
-def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> list[Tensor] | None:
-    """Zeros for unused entries; ``None`` when no entry was reached at all."""
+def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> OwnedVector | None:
+    """Zeros for unused entries; ``None`` when no entry was reached at all. The result is
+    handed to the next hop, which may free it early (`OwnedVector`)."""
     if all(t is None for t in v):
         return None
-    return [torch.zeros_like(p) if t is None else t for t, p in zip(v, like)]
+    return OwnedVector(torch.zeros_like(p) if t is None else t for t, p in zip(v, like))
 
 
 def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
@@ -55,6 +57,8 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
     owner = path[0]
     diagnostics = active_diagnostics(owner.engine)
     vec = _materialize(v, path[1]._trainable())
+    if isinstance(v, list):
+        v.clear()  # the caller's head vector is consumed: the hops may free it early
     hops = list(zip(path[1:-1], path[2:]))
     for i, (lower, upper) in enumerate(hops):
         if vec is None:
@@ -66,7 +70,7 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
             # several processes: the next hop needs the global vector (its probe radius and
             # solver are nonlinear in it); the last hop's output is averaged by the caller,
             # together with the problem's own gradient
-            vec = strategy_of(lower).all_average(vec)
+            vec = OwnedVector(strategy_of(lower).all_average(vec))
     if diagnostics is not None and vec is not None:
         label = path_label([p.name for p in path])
         diagnostics.record_norm(owner.name, f"implicit_norm/{label}", vec)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from betty.configs import Config
-from betty.hypergradient.hop import Hop, OptionalVector
+from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
 from betty.linalg import norm
 
 PROBE_ULPS = 4.0
@@ -52,7 +52,7 @@ def central_difference(hop: Hop, v: Sequence[Tensor], radius: float, *, restore:
     """``-[dL/dlam(w + eps v) - dL/dlam(w - eps v)] / (2 eps)``, ``eps = r / ||v||`` with
     ``r = probe_radius(w, radius)``; 0 where ``v = 0``. ``restore=False`` leaves the lower
     parameters at the last probe (``*_multitask``)."""
-    v = list(v)
+    v = v if isinstance(v, OwnedVector) else list(v)  # an owned vector is freed early
     v_norm = norm([_wide(t) for t in v])
     r = probe_radius(hop.w, radius)
     nonzero = v_norm > 0

@@ -27,6 +27,12 @@ from torch import Tensor
 OptionalVector = list[Tensor | None]
 
 
+class OwnedVector(list):  # type: ignore[type-arg]
+    """A vector handed over to a method: the method may empty it once it no longer needs its
+    tensors, so they are freed before the probes' forward passes (darts' and sama's peak
+    memory). The chain passes its vectors this way; direct callers' lists are left alone."""
+
+
 @contextmanager
 def frozen_state(buffers: Sequence[Tensor], devices: Sequence[int]) -> Any:
     """Snapshot RNG and ``buffers``; yield a function that rewinds the RNG; restore both."""
@@ -121,12 +127,24 @@ class Hop:
         with torch.no_grad():
             origin = [p.detach().clone() for p in self.w]
         results: list[OptionalVector] = []
+        first: Tensor | None = None
         try:
             with self._probe_context():
                 for s in scales:
-                    with torch.no_grad():  # w = origin + s * direction, one temporary
-                        torch._foreach_copy_(self.w, origin)
-                        torch._foreach_add_(self.w, torch._foreach_mul(list(direction), s))
+                    with torch.no_grad():
+                        if first is None or direction:  # w = origin + s * direction
+                            torch._foreach_copy_(self.w, origin)
+                            torch._foreach_add_(self.w, torch._foreach_mul(list(direction), s))
+                            first = s
+                            if isinstance(direction, OwnedVector):
+                                direction.clear()  # free it before the forward passes
+                        else:  # direction freed: origin + s/s0 (w - origin), the first probe's
+                            step = torch._foreach_sub(self.w, origin)
+                            # a zero radius (v = 0) gives 0/0: the perturbation is 0 anyway
+                            torch._foreach_mul_(step, torch.nan_to_num(s / first, nan=0.0))
+                            torch._foreach_add_(step, origin)
+                            torch._foreach_copy_(self.w, step)
+                            del step
                     loss = self._loss()
                     grads = (torch.autograd.grad(loss, self.lam, allow_unused=True)
                              if loss.requires_grad else (None,) * len(self.lam))

@@ -19,14 +19,17 @@ from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.darts import central_difference
-from betty.hypergradient.hop import Hop, OptionalVector
+from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
 
 
 def sama(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     """SAMA hop: the DARTS central difference applied to ``P v``."""
     if hop.update_jacobian is None:
         raise RuntimeError("sama needs the lower problem's optimizer (Hop.update_jacobian)")
-    pv = list(v)  # the chain hands each hop a vector of its own: scale it in place, so
-    torch._foreach_mul_(pv, hop.update_jacobian())  # sama needs no memory beyond darts
+    owned = isinstance(v, OwnedVector)
+    pv = OwnedVector(v) if owned else [t.clone() for t in v]
+    if owned:
+        v.clear()  # type: ignore[attr-defined]  # P v overwrites the chain's own vector
+    torch._foreach_mul_(pv, hop.update_jacobian())
     return central_difference(hop, pv, config.sama_adam_alpha,
                               restore=not config.sama_multitask)
