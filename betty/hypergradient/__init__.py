@@ -2,7 +2,9 @@
 
 A method is a pure function ``method(hop, v, config) -> vector`` that maps the vector ``v``
 (w.r.t. a lower problem's parameters) to its contribution w.r.t. the next upper's parameters,
-using only the closures of `Hop`. A new method is one function added to `METHODS`.
+using only the closures of `Hop`. A new method is one function added to `METHODS`. The
+chain hands ``v`` over as an `OwnedVector`: a method may empty it once it no longer needs it
+(darts and sama do, to free it before their probes' forward passes).
 """
 
 from __future__ import annotations
