@@ -1,23 +1,59 @@
-"""MAML on sinusoid regression: the library (task-batched and sequential) against hand-written
-PyTorch (a torch.autograd loop and a torch.func + vmap version), and higher / torchopt where
-installed (`pip install -e ".[bench]"`).
+"""MAML on sinusoid regression: milliseconds per meta-step, betty against hand-written PyTorch
+and against the MAML libraries `higher` and `torchopt`.
 
-Setting (the issue's): 16 tasks per meta-step, 5 inner SGD steps (lr 0.01), 10 shots (and 10
-query points), MLP 1-40-40-1, Adam meta-optimizer (lr 1e-3). Every variant consumes the same
-pre-sampled tasks from the same initialisation; the first meta-gradient of each is compared
-with the autograd loop's (max abs difference). Variants alternate; medians are reported.
+The program (Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning", ICML 2017, section 5.1):
+tasks y = a sin(x + b) with a ~ U[0.1, 5], b ~ U[0, pi], x ~ U[-5, 5]; 16 tasks per meta-step,
+10 support and 10 query points per task, an MLP 1-40-40-1 (ReLU), 5 inner SGD steps at lr
+0.01 from the meta-initialisation theta, and an Adam step (lr 1e-3) on theta with the exact
+(second-order) meta-gradient of the mean query MSE.
 
-    python benchmarks/bench_maml.py                    # 20 meta-steps x 3 repeats
-    python benchmarks/bench_maml.py --steps 50 --repeats 5
+Variants, all starting from the same theta and seeing the same tasks in the same order:
+
+* ``betty task-batched``: a `TaskBatchedProblem` adapts the 16 tasks in one vmapped window
+  (``initial_parameters()`` returns the meta problem's module) below an `ImplicitProblem`
+  with ``Config(first_order=False)``: the program of docs/reverse_mode.md.
+* ``betty 16 problems``: the original Betty's way, one `IterativeProblem` per task and one
+  meta problem above all 16. An IterativeProblem starts each window from its own parameters
+  (a detached copy), so the task's weights are written theta + delta: delta is the
+  problem's parameters, zeroed at each window start, and theta is read from the meta
+  problem. This is the same update sequence and the same meta-gradient as MAML.
+* ``betty 1 problem x16``: one such IterativeProblem that takes the 16 tasks one window
+  after the other; the meta problem accumulates their query gradients
+  (``gradient_accumulation=16``) before its Adam step.
+* ``autograd loop``: a Python loop over the tasks, ``torch.autograd.grad(create_graph=True)``
+  for each inner step, the query loss back-propagated per task.
+* ``torch.func+vmap``: the whole inner loop of one task as a function (``torch.func.grad``
+  inside), vmapped over the 16 tasks; one backward.
+* ``higher``, ``torchopt`` (if installed: ``pip install -e ".[bench]"``): each library's
+  MAML idiom (``higher.innerloop_ctx``; ``torchopt.MetaSGD`` with extract/recover of the
+  network's state), looping over the tasks.
+
+The hand-written variants evaluate the network with ``torch.func.functional_call``.
+
+Each variant first computes one meta-gradient on the first task batch from the same theta;
+the table reports its largest difference from the autograd loop's. Timed runs then alternate
+between the variants (``--repeats`` rounds of ``--steps`` meta-steps each, after
+``--warmup`` untimed meta-steps) and the table reports medians. ``--profile`` runs cProfile
+over the task-batched library variant and lists where the time goes.
+
+    python benchmarks/bench_maml.py
+    python benchmarks/bench_maml.py --steps 20 --repeats 5 --clock thread
+    python benchmarks/bench_maml.py --variants betty-tb vmap --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import cProfile
+import io
 import math
+import os
+import pstats
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,209 +62,446 @@ from torch.func import functional_call, grad, vmap
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
-from betty.problems import ImplicitProblem, TaskBatchedProblem
+from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 
-TASKS, SHOTS, INNER, LR = 16, 10, 5, 0.01
-Tasks = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def sample_tasks(generator: torch.Generator) -> Tasks:
-    """y = a sin(x + b), a ~ U[0.1, 5], b ~ U[0, pi], x ~ U[-5, 5]; tensors [T, n, 1]."""
-    a = torch.rand(TASKS, 1, 1, generator=generator) * 4.9 + 0.1
-    b = torch.rand(TASKS, 1, 1, generator=generator) * math.pi
-    x = torch.rand(TASKS, 2 * SHOTS, 1, generator=generator) * 10 - 5
-    y = a * torch.sin(x + b)
-    return x[:, :SHOTS], y[:, :SHOTS], x[:, SHOTS:], y[:, SHOTS:]
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # x_support, y_support, x_query, y_query
 
 
-def make_net(seed: int = 0) -> nn.Module:
+@dataclass
+class Setting:
+    tasks: int = 16
+    shots: int = 10
+    queries: int = 10
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3
+
+
+# -- tasks and network -----------------------------------------------------------------------
+def sample_batches(count: int, s: Setting, seed: int) -> list[Batch]:
+    """``count`` meta-batches of sinusoid tasks; every tensor is [tasks, points, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        a = torch.empty(s.tasks, 1, 1).uniform_(0.1, 5.0, generator=gen)
+        b = torch.empty(s.tasks, 1, 1).uniform_(0.0, math.pi, generator=gen)
+        x = torch.empty(s.tasks, s.shots + s.queries, 1).uniform_(-5.0, 5.0, generator=gen)
+        y = a * torch.sin(x + b)
+        batches.append((x[:, :s.shots], y[:, :s.shots], x[:, s.shots:], y[:, s.shots:]))
+    return batches
+
+
+def make_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
                          nn.Linear(40, 1))
 
 
-Variant = Callable[[list[Tasks]], list[Tensor]]  # runs the meta-steps; returns 1st meta-grad
+class Stream:
+    """The meta-batches in a fixed cycle: every variant sees the same sequence."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches, self.index = batches, -1
+
+    def next(self) -> Batch:
+        self.index += 1
+        return self.batches[self.index % len(self.batches)]
 
 
-# -- hand-written --------------------------------------------------------------------------
-def autograd_loop(tasks: list[Tasks]) -> list[Tensor]:
-    net = make_net()
-    meta = torch.optim.Adam(net.parameters(), lr=1e-3)
-    names = [n for n, _ in net.named_parameters()]
-    first: list[Tensor] = []
-    for xs, ys, xq, yq in tasks:
-        meta.zero_grad()
-        for t in range(TASKS):
-            params = list(net.parameters())
-            for _ in range(INNER):
-                loss = F.mse_loss(functional_call(net, dict(zip(names, params)), (xs[t],)),
-                                  ys[t])
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                params = [p - LR * g for p, g in zip(params, grads)]
-            query = F.mse_loss(functional_call(net, dict(zip(names, params)), (xq[t],)), yq[t])
-            (query / TASKS).backward()
-        first = first or [p.grad.clone() for p in net.parameters()]
-        meta.step()
-    return first
+# -- the variants ----------------------------------------------------------------------------
+class Variant:
+    """Holds its own copy of theta and an Adam optimizer; ``meta_steps(n)`` trains n steps."""
+
+    def __init__(self, net: nn.Module, batches: list[Batch], s: Setting) -> None:
+        self.net = copy.deepcopy(net)
+        self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=s.meta_lr)
+        self.stream, self.s = Stream(batches), s
+
+    def meta_steps(self, n: int) -> None:
+        raise NotImplementedError
+
+    def first_meta_gradient(self) -> list[Tensor]:
+        """The meta-gradient of the first meta-step (then that step is taken)."""
+        raise NotImplementedError
 
 
-def vmap_version(tasks: list[Tasks]) -> list[Tensor]:
-    net = make_net()
-    meta = torch.optim.Adam(net.parameters(), lr=1e-3)
-    names = [n for n, _ in net.named_parameters()]
+class HandWritten(Variant):
+    """A meta-step: ``meta_gradient`` fills ``.grad`` of theta, then Adam steps."""
 
-    def task_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(net, params, (x,)), y)
+    def meta_gradient(self, batch: Batch) -> None:
+        raise NotImplementedError
 
-    def adapted_query(params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
-                      yq: Tensor) -> Tensor:
-        for _ in range(INNER):
-            g = grad(task_loss)(params, xs, ys)
-            params = {k: params[k] - LR * g[k] for k in params}
-        return task_loss(params, xq, yq)
+    def meta_steps(self, n: int) -> None:
+        for _ in range(n):
+            self.meta_opt.zero_grad(set_to_none=True)
+            self.meta_gradient(self.stream.next())
+            self.meta_opt.step()
 
-    batched = vmap(adapted_query, in_dims=(None, 0, 0, 0, 0))
-    first: list[Tensor] = []
-    for xs, ys, xq, yq in tasks:
-        meta.zero_grad()
-        params = dict(zip(names, net.parameters()))
-        batched(params, xs, ys, xq, yq).mean().backward()
-        first = first or [p.grad.clone() for p in net.parameters()]
-        meta.step()
-    return first
+    def first_meta_gradient(self) -> list[Tensor]:
+        self.meta_opt.zero_grad(set_to_none=True)
+        self.meta_gradient(self.stream.next())
+        grads = [p.grad.clone() for p in self.net.parameters()]
+        self.meta_opt.step()
+        return grads
 
 
-# -- the library ---------------------------------------------------------------------------
-class Inner(TaskBatchedProblem):
-    def initial_parameters(self) -> nn.Module:
-        return self.meta.module
+class AutogradLoop(HandWritten):
+    def meta_gradient(self, batch: Batch) -> None:
+        xs, ys, xq, yq = batch
+        names = [n for n, _ in self.net.named_parameters()]
+        theta = list(self.net.parameters())
+        for i in range(self.s.tasks):
+            w = theta
+            for _ in range(self.s.inner_steps):
+                out = functional_call(self.net, dict(zip(names, w)), (xs[i],))
+                g = torch.autograd.grad(F.mse_loss(out, ys[i]), w, create_graph=True)
+                w = [p - self.s.inner_lr * gp for p, gp in zip(w, g)]
+            out = functional_call(self.net, dict(zip(names, w)), (xq[i],))
+            (F.mse_loss(out, yq[i]) / self.s.tasks).backward()
 
-    def get_batch(self) -> tuple[Tensor, Tensor]:
-        return self.current[0], self.current[1]
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+class FuncVmap(HandWritten):
+    def meta_gradient(self, batch: Batch) -> None:
+        net, s = self.net, self.s
+
+        def support_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return F.mse_loss(functional_call(net, params, (x,)), y)
+
+        def query_loss_after_adapting(params: dict[str, Tensor], xs: Tensor, ys: Tensor,
+                                      xq: Tensor, yq: Tensor) -> Tensor:
+            for _ in range(s.inner_steps):
+                g = grad(support_loss)(params, xs, ys)
+                params = {n: p - s.inner_lr * g[n] for n, p in params.items()}
+            return F.mse_loss(functional_call(net, params, (xq,)), yq)
+
+        theta = dict(net.named_parameters())
+        losses = vmap(query_loss_after_adapting, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
+        losses.mean().backward()
+
+
+class Higher(HandWritten):
+    def meta_gradient(self, batch: Batch) -> None:
+        import higher
+
+        xs, ys, xq, yq = batch
+        inner_opt = torch.optim.SGD(self.net.parameters(), lr=self.s.inner_lr)
+        for i in range(self.s.tasks):
+            with higher.innerloop_ctx(self.net, inner_opt, copy_initial_weights=False) \
+                    as (fnet, diffopt):
+                for _ in range(self.s.inner_steps):
+                    diffopt.step(F.mse_loss(fnet(xs[i]), ys[i]))
+                (F.mse_loss(fnet(xq[i]), yq[i]) / self.s.tasks).backward()
+
+
+class TorchOpt(HandWritten):
+    def meta_gradient(self, batch: Batch) -> None:
+        import torchopt
+
+        xs, ys, xq, yq = batch
+        inner_opt = torchopt.MetaSGD(self.net, lr=self.s.inner_lr)
+        net_state = torchopt.extract_state_dict(self.net)
+        opt_state = torchopt.extract_state_dict(inner_opt)
+        for i in range(self.s.tasks):
+            for _ in range(self.s.inner_steps):
+                inner_opt.step(F.mse_loss(self.net(xs[i]), ys[i]))
+            (F.mse_loss(self.net(xq[i]), yq[i]) / self.s.tasks).backward()
+            torchopt.recover_state_dict(self.net, net_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+
+
+# -- betty -----------------------------------------------------------------------------------
+class LibraryVariant(Variant):
+    """An engine built once; each call of ``meta_steps`` extends ``train_iters`` and runs."""
+
+    steps_per_meta_step = 1
+
+    def __init__(self, net: nn.Module, batches: list[Batch], s: Setting) -> None:
+        super().__init__(net, batches, s)
+        self.meta, self.engine = self.build()
+
+    def build(self) -> tuple[ImplicitProblem, Engine]:
+        raise NotImplementedError
+
+    def meta_steps(self, n: int) -> None:
+        self.engine.config.train_iters += n * self.steps_per_meta_step
+        self.engine.run()
+
+    def first_meta_gradient(self) -> list[Tensor]:
+        seen: list[list[Tensor]] = []
+        # an instance attribute is called like the hook; it sees .grad (micro-batches summed)
+        self.meta.grad_callback = lambda grads: seen.append([g.clone() for g in grads])
+        self.meta_steps(1)
+        del self.meta.grad_callback
+        return seen[-1]
+
+
+class TBInner(TaskBatchedProblem):
+    def initial_parameters(self):
+        return self.meta.module  # every task starts from theta, differentiably
+
+    def on_inner_loop_start(self):
+        self.tasks = self.stream.next()
+
+    def get_batch(self):
+        return self.tasks[0], self.tasks[1]
+
+    def training_step(self, batch):  # one task
         x, y = batch
         return F.mse_loss(self.module(x), y)
 
 
-class Meta(ImplicitProblem):
-    def get_batch(self) -> tuple[Tensor, Tensor]:
-        return self.inner.current[2], self.inner.current[3]
+class TBMeta(ImplicitProblem):
+    def get_batch(self):
+        return self.inner.tasks[2], self.inner.tasks[3]
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def training_step(self, batch):  # [tasks, queries, 1]
         x, y = batch
         return F.mse_loss(self.inner(x), y)
 
 
-def library(tasks: list[Tasks], *, sequential: bool) -> list[Tensor]:
-    """Task-batched: one window adapts all 16 tasks (vmap). Sequential: the same program with
-    one task per window and the meta-gradient accumulated over 16 windows."""
-    net, template = make_net(), make_net(1)
-    per_window = 1 if sequential else TASKS
-    meta = Meta("meta", Config(first_order=False, gradient_accumulation=TASKS // per_window),
-                module=net, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3))
-    inner = Inner("inner", Config(unroll_steps=INNER), module=template,
-                  optimizer=torch.optim.SGD(template.parameters(), lr=LR))
-    windows = [tuple(t[i:i + per_window] for t in task)
-               for task in tasks for i in range(0, TASKS, per_window)]
-    order = iter(windows)
-    inner.on_inner_loop_start = lambda: setattr(inner, "current", next(order))
-    seen: list[list[Tensor]] = []
-
-    def keep(grads: list[Tensor]) -> None:
-        if len(seen) < TASKS // per_window:
-            seen.append([g.clone() for g in grads])
-
-    meta.grad_callback = keep
-    engine = Engine([meta, inner], EngineConfig(train_iters=INNER * len(windows)),
-                    {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
-    engine.run()
-    return seen[-1]  # .grad after the last micro-batch of the first meta-step
+class BettyTaskBatched(LibraryVariant):
+    def build(self) -> tuple[ImplicitProblem, Engine]:
+        s, template = self.s, copy.deepcopy(self.net)
+        meta = TBMeta("meta", Config(first_order=False), module=self.net,
+                      optimizer=self.meta_opt)
+        inner = TBInner("inner", Config(unroll_steps=s.inner_steps), module=template,
+                        optimizer=torch.optim.SGD(template.parameters(), lr=s.inner_lr))
+        inner.stream = self.stream
+        self.steps_per_meta_step = s.inner_steps
+        engine = Engine([meta, inner], EngineConfig(train_iters=0, progress_bar=False),
+                        {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
+        return meta, engine
 
 
-def maybe(name: str) -> Variant | None:
+class Offset(nn.Module):
+    """A task's weights written as theta + delta. delta is this module's parameters; theta is
+    read from ``base``, which belongs to the meta problem (kept out of this module's
+    parameters, so the task problem's optimizer never touches it)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self._base = [base]  # in a list: not registered as a submodule
+        self._theta = list(base.named_parameters())
+        self.delta = nn.ParameterList([torch.zeros_like(p) for _, p in self._theta])
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = {n: p + d for (n, p), d in zip(self._theta, self.delta)}
+        return functional_call(self._base[0], params, (x,))
+
+
+class OneTask(IterativeProblem):
+    """Adapts task ``self.index`` of the current meta-batch, delta starting at 0."""
+
+    def on_inner_loop_start(self):
+        with torch.no_grad():
+            for d in self.module.delta:
+                d.zero_()
+        self.tasks = self.stream.next()
+
+    def get_batch(self):
+        return self.tasks[0][self.index], self.tasks[1][self.index]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.module(x), y)
+
+
+class MetaOverProblems(ImplicitProblem):
+    def get_batch(self):  # each task problem's query set
+        return [(t.tasks[2][t.index], t.tasks[3][t.index]) for t in self.children]
+
+    def training_step(self, batch):
+        losses = [F.mse_loss(task(x), y) for task, (x, y) in zip(self.children, batch)]
+        return torch.stack(losses).mean()
+
+
+def task_problem(cls: type[OneTask], name: str, net: nn.Module, s: Setting, stream: Stream,
+                 index: int) -> OneTask:
+    offset = Offset(net)
+    problem = cls(name, Config(unroll_steps=s.inner_steps), module=offset,
+                  optimizer=torch.optim.SGD(offset.parameters(), lr=s.inner_lr))
+    problem.stream, problem.index = stream, index
+    return problem
+
+
+class BettyProblems(LibraryVariant):
+    def build(self) -> tuple[ImplicitProblem, Engine]:
+        s = self.s
+        streams = [Stream(self.stream.batches) for _ in range(s.tasks)]  # one per problem
+        tasks = [task_problem(OneTask, f"task{i}", self.net, s, streams[i], i)
+                 for i in range(s.tasks)]
+        meta = MetaOverProblems("meta", Config(first_order=False), module=self.net,
+                                optimizer=self.meta_opt)
+        self.steps_per_meta_step = s.inner_steps
+        engine = Engine([meta, *tasks], EngineConfig(train_iters=0, progress_bar=False),
+                        {"u2l": {meta: tasks}, "l2u": {t: [meta] for t in tasks}})
+        return meta, engine
+
+
+class TaskAfterTask(OneTask):
+    """One task per window: window k adapts task k % T of meta-batch k // T."""
+
+    def on_inner_loop_start(self):
+        with torch.no_grad():
+            for d in self.module.delta:
+                d.zero_()
+        self.index = (self.index + 1) % self.count_tasks
+        if self.index == 0:
+            self.tasks = self.stream.next()
+
+
+class MetaAccumulating(ImplicitProblem):
+    def get_batch(self):
+        task = self.task
+        return task.tasks[2][task.index], task.tasks[3][task.index]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.task(x), y)
+
+
+class BettyWindows(LibraryVariant):
+    def build(self) -> tuple[ImplicitProblem, Engine]:
+        s = self.s
+        task = task_problem(TaskAfterTask, "task", self.net, s, self.stream, index=-1)
+        task.count_tasks = s.tasks
+        meta = MetaAccumulating(
+            "meta", Config(first_order=False, gradient_accumulation=s.tasks),
+            module=self.net, optimizer=self.meta_opt)
+        self.steps_per_meta_step = s.inner_steps * s.tasks
+        engine = Engine([meta, task], EngineConfig(train_iters=0, progress_bar=False),
+                        {"u2l": {meta: [task]}, "l2u": {task: [meta]}})
+        return meta, engine
+
+
+VARIANTS: dict[str, tuple[str, type[Variant]]] = {
+    "betty-tb": ("betty task-batched", BettyTaskBatched),
+    "betty-problems": ("betty 16 problems", BettyProblems),
+    "betty-windows": ("betty 1 problem x16", BettyWindows),
+    "loop": ("autograd loop", AutogradLoop),
+    "vmap": ("torch.func+vmap", FuncVmap),
+    "higher": ("higher", Higher),
+    "torchopt": ("torchopt", TorchOpt),
+}
+
+
+def installed(module: str) -> str | None:
+    """None if ``module`` imports, else why not."""
     try:
-        __import__(name)
-    except Exception as err:  # not installed, or broken on this torch
-        print(f"{name}: skipped ({type(err).__name__}: {err})")
-        return None
-    if name == "higher":
-        import higher
-
-        def run(tasks: list[Tasks]) -> list[Tensor]:
-            net = make_net()
-            meta = torch.optim.Adam(net.parameters(), lr=1e-3)
-            inner = torch.optim.SGD(net.parameters(), lr=LR)
-            first: list[Tensor] = []
-            for xs, ys, xq, yq in tasks:
-                meta.zero_grad()
-                for t in range(TASKS):
-                    with higher.innerloop_ctx(net, inner, copy_initial_weights=False) as (f, d):
-                        for _ in range(INNER):
-                            d.step(F.mse_loss(f(xs[t]), ys[t]))
-                        (F.mse_loss(f(xq[t]), yq[t]) / TASKS).backward()
-                first = first or [p.grad.clone() for p in net.parameters()]
-                meta.step()
-            return first
-        return run
-    import torchopt
-
-    def run_opt(tasks: list[Tasks]) -> list[Tensor]:
-        net = make_net()
-        meta = torch.optim.Adam(net.parameters(), lr=1e-3)
-        first: list[Tensor] = []
-        for xs, ys, xq, yq in tasks:
-            meta.zero_grad()
-            for t in range(TASKS):
-                inner = torchopt.MetaSGD(net, lr=LR)
-                snapshot = torchopt.extract_state_dict(net)
-                for _ in range(INNER):
-                    inner.step(F.mse_loss(net(xs[t]), ys[t]))
-                (F.mse_loss(net(xq[t]), yq[t]) / TASKS).backward()
-                torchopt.recover_state_dict(net, snapshot)
-            first = first or [p.grad.clone() for p in net.parameters()]
-            meta.step()
-        return first
-    return run_opt
+        __import__(module)
+    except Exception as err:  # any import failure (not only ImportError): skip the variant
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
-def main() -> None:
+# -- measuring -------------------------------------------------------------------------------
+def clock_of(name: str) -> Callable[[], float]:
+    return time.thread_time if name == "thread" else time.perf_counter
+
+
+def profile_task_batched(net: nn.Module, batches: list[Batch], s: Setting, steps: int,
+                         lines: int) -> None:
+    variant = BettyTaskBatched(net, batches, s)
+    variant.meta_steps(2)  # warm-up
+    profiler = cProfile.Profile()
+    profiler.enable()
+    variant.meta_steps(steps)
+    profiler.disable()
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(lines)
+        print(f"\ncProfile of betty task-batched, {steps} meta-steps, sorted by {key}:")
+        print("\n".join(out.getvalue().splitlines()[4:]))
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="meta-steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="meta-steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-steps first")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="wall clock, or the CPU time of this thread (steadier when the "
+                        "machine is shared; with one torch thread it counts all the work)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=1e-5,
+                        help="largest meta-gradient difference accepted")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the task-batched library variant afterwards")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    args = parser.parse_args(argv)
+
     torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    tasks = [sample_tasks(generator) for _ in range(args.steps)]
-    variants: dict[str, Variant] = {
-        "betty task-batched": lambda t: library(t, sequential=False),
-        "betty sequential": lambda t: library(t, sequential=True),
-        "hand autograd loop": autograd_loop,
-        "hand torch.func+vmap": vmap_version,
-    }
-    for name in ("higher", "torchopt"):
-        found = maybe(name)
-        if found is not None:
-            variants[name] = found
-    reference = autograd_loop(tasks[:1])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    diffs: dict[str, float] = {}
-    for name, run in variants.items():  # warm-up and agreement on the first meta-step
-        got = run(tasks[:1])
-        diffs[name] = max(float((a - b).abs().max()) for a, b in zip(got, reference))
-    for _ in range(args.repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run(tasks)
-            times[name].append(1000 * (time.perf_counter() - start) / args.steps)
-    vmap_ms = statistics.median(times["hand torch.func+vmap"])
-    print(f"torch {torch.__version__}, threads {args.threads}, {args.steps} meta-steps x "
-          f"{args.repeats} repeats (median), T={TASKS}, K={INNER}, shots={SHOTS}")
-    print(f"{'variant':22s} {'ms/meta-step':>12s} {'x vmap':>8s} {'max|dgrad| vs loop':>20s}")
-    for name in variants:
-        ms = statistics.median(times[name])
-        print(f"{name:22s} {ms:12.2f} {ms / vmap_ms:8.2f} {diffs[name]:20.2e}")
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread counts one thread only: use --threads 1")
+    s = Setting(tasks=args.tasks, inner_steps=args.inner_steps)
+    batches = sample_batches(8, s, args.seed)
+    net = make_net(args.seed)
+    clock = clock_of(args.clock)
+
+    variants: dict[str, Variant] = {}
+    skipped: dict[str, str] = {}
+    for key in args.variants:
+        label, cls = VARIANTS[key]
+        why = installed(key) if key in ("higher", "torchopt") else None
+        if why is not None:
+            skipped[label] = why
+            continue
+        variants[label] = cls(net, batches, s)
+
+    # the first meta-gradient of every variant, from the same theta on the same tasks
+    grads = {label: v.first_meta_gradient() for label, v in variants.items()}
+    reference = grads.get("autograd loop") or AutogradLoop(net, batches, s).first_meta_gradient()
+    diffs = {label: max((a - b).abs().max().item() for a, b in zip(g, reference))
+             for label, g in grads.items()}
+
+    for v in variants.values():
+        v.meta_steps(args.warmup)
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(args.repeats):  # alternate: a slow spell of the machine hits every variant
+        for label, v in variants.items():
+            start = clock()
+            v.meta_steps(args.steps)
+            times[label].append((clock() - start) / args.steps * 1000.0)
+
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    print(f"MAML, sinusoid: {s.tasks} tasks/meta-step, {s.inner_steps} inner SGD steps "
+          f"(lr {s.inner_lr}), {s.shots} shots, MLP 1-40-40-1, Adam; torch {torch.__version__}, "
+          f"{args.threads} thread(s), {args.clock} clock, {args.repeats} x {args.steps} "
+          f"meta-steps; load average {os.getloadavg()[0]:.2f}")
+    vmap_ms = medians.get("torch.func+vmap")
+    tb_ms = medians.get("betty task-batched")
+    print(f"{'variant':22s} {'ms/meta-step':>12s} {'min':>8s} {'x vmap':>7s} "
+          f"{'/ betty-tb':>10s} {'max|dgrad| vs loop':>19s}")
+    for label, ms in medians.items():
+        vs_vmap = f"{ms / vmap_ms:7.2f}" if vmap_ms else f"{'-':>7s}"
+        vs_tb = f"{ms / tb_ms:10.2f}" if tb_ms else f"{'-':>10s}"
+        flag = "  !!!!! MISMATCH" if diffs[label] > args.tol else ""
+        print(f"{label:22s} {ms:12.2f} {min(times[label]):8.2f} {vs_vmap} {vs_tb} "
+              f"{diffs[label]:19.1e}{flag}")
+    for label, why in skipped.items():
+        print(f"{label:22s} not measured ({why})")
+    targets = []
+    if tb_ms and vmap_ms:
+        ratio = tb_ms / vmap_ms
+        targets.append(f"task-batched / vmap = {ratio:.2f} (target <= 1.2: "
+                       f"{'met' if ratio <= 1.2 else 'NOT met'})")
+    for other in ("higher", "torchopt"):
+        if tb_ms and other in medians:
+            speedup = medians[other] / tb_ms
+            targets.append(f"{other} / task-batched = {speedup:.2f} (target >= 5: "
+                           f"{'met' if speedup >= 5 else 'NOT met'})")
+    for line in targets:
+        print(line)
+    for label, t in times.items():
+        print(f"  runs, {label}: " + ", ".join(f"{x:.2f}" for x in t))
+
+    if args.profile:
+        profile_task_batched(net, batches, s, max(args.steps, 20), args.profile_lines)
+    return {"medians": medians, "times": times, "grad_diffs": diffs, "skipped": skipped}
 
 
 if __name__ == "__main__":

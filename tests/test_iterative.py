@@ -556,6 +556,45 @@ def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
     assert int(net[1].num_batches_tracked) == 0  # the module's own buffers are untouched
 
 
+class ScaledAdapt(TaskBatchedProblem):
+    def get_batch(self):
+        return self.batch
+
+    def training_step(self, batch):
+        x, y, scale = batch  # `scale` is a Python float: shared by the tasks, not vmapped
+        loss = scale * F.mse_loss(self.module(x), y)
+        return {"loss": loss, "scaled_twice": 2 * loss}
+
+
+def test_task_batch_with_non_tensor_leaves_and_logged_extras():
+    """Non-tensor leaves of a stacked batch reach every task unchanged; each task's gradient
+    is its own (the backward of the summed task losses), and dict entries are task means."""
+    net = mlp(2)
+    problem = ScaledAdapt("adapt", Config(unroll_steps=2), module=net,
+                          optimizer=torch.optim.SGD(net.parameters(), lr=0.3))
+    lead = Hyper()
+    meta = Meta("meta", Config(first_order=False), module=lead,
+                optimizer=torch.optim.SGD(lead.parameters(), lr=0.1))
+    Engine([meta, problem], EngineConfig(train_iters=0),
+           {"u2l": {meta: [problem]}, "l2u": {problem: [meta]}})
+    xs, ys, _, _ = task_sets(5, 1)[0]
+    w = [p.detach().clone() for p in weights(net)]
+    with torch.no_grad():
+        adapted = list(problem.adapt((xs, ys, 0.25), steps=1).values())
+    grads = [(p - a) / 0.3 for p, a in zip(w, adapted)]  # one SGD step: w - 0.3 g
+    problem._start(TASKS)
+    logged = problem._task_gradients((xs, ys, 0.25), differentiable=False)[1]
+    losses = []
+    for t in range(TASKS):
+        wt = [p.clone().requires_grad_() for p in w]
+        loss = 0.25 * F.mse_loss(mlp_apply(wt, xs[t]), ys[t])
+        losses.append(loss.detach())
+        for g, want in zip(grads, torch.autograd.grad(loss, wt)):
+            assert torch.allclose(g[t], want, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(logged["loss"], torch.stack(losses).mean(), rtol=1e-12)
+    assert torch.allclose(logged["scaled_twice"], 2 * torch.stack(losses).mean(), rtol=1e-12)
+
+
 def test_task_batched_program_errors_before_training():
     def make(net):
         return torch.optim.SGD(net.parameters(), lr=0.1)

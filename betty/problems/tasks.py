@@ -5,12 +5,13 @@ usual; the problem's batch holds the tasks stacked (every tensor has a leading d
 unroll window starts every task from ``initial_parameters()`` (for MAML, the upper's
 meta-initialisation), differentiably: ``w_0 = θ`` expanded to T copies. A local step is
 
-    g = vmap(grad(task_loss))(w, batch)    # one vectorised pass over the T tasks
+    losses = vmap(task_loss)(w, batch)     # one vectorised forward over the T tasks
+    g = autograd.grad(losses.sum(), w)     # one backward: task t's gradient in row t
     w, s = step(w, g, s)                   # the user's optimizer, read as a pure function
 
 where ``step`` is `betty.optim.functional_optimizer(optimizer)` applied to the stacked
 tensors: every supported rule is elementwise with a shared step counter, so this equals T
-separate per-task steps. ``torch.func.grad`` builds its graph, so an upper with
+separate per-task steps. The backward builds its graph (``create_graph``), so an upper with
 ``Config(first_order=False)`` back-propagates through the K steps to ``θ`` (exact MAML).
 After the window, ``self.<name>(x)`` runs ``forward`` vmapped over the tasks with their
 adapted parameters, so the upper's query loss is one line. Optimizer state starts fresh each
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
 from betty.problems.iterative import IterativeProblem, Slot, _detach, _mark_stepped
@@ -49,11 +50,6 @@ from betty.problems.problem import Problem
 
 if TYPE_CHECKING:
     from betty.engine import Engine
-
-
-def task_dims(tree: Any) -> Any:
-    """vmap ``in_dims`` for a pytree: 0 (the task dim) for each tensor, None for the rest."""
-    return pytree.tree_map(lambda leaf: 0 if isinstance(leaf, Tensor) else None, tree)
 
 
 def count_tasks(owner: str, tree: Any) -> int:
@@ -67,6 +63,28 @@ def count_tasks(owner: str, tree: Any) -> int:
             f"{[tuple(t.shape) for t in tensors]}. Stack each task's tensors with torch.stack"
         )
     return int(tensors[0].shape[0])
+
+
+def vmap_tasks(fn: Any, params: Sequence[Tensor], buffers: Sequence[Tensor], tree: Any) -> Any:
+    """``vmap(fn)(params, buffers, tree)`` over the leading task dim of every tensor.
+
+    The arguments go to vmap as one flat tuple of tensors with ``in_dims=0`` (non-tensor
+    leaves of ``tree`` are closed over), so vmap does no pytree work of its own: on a small
+    network that bookkeeping costs as much as the forward pass.
+    """
+    leaves, spec = pytree.tree_flatten(tree)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    n_params, n_buffers = len(params), len(buffers)
+
+    def flat_fn(*flat: Tensor) -> Any:
+        task_leaves = list(leaves)
+        for i, t in zip(where, flat[n_params + n_buffers:]):
+            task_leaves[i] = t
+        return fn(flat[:n_params], flat[n_params:n_params + n_buffers],
+                  pytree.tree_unflatten(task_leaves, spec))
+
+    return vmap(flat_fn, randomness="different")(
+        *params, *buffers, *(leaves[i] for i in where))
 
 
 class TaskBatchedProblem(IterativeProblem):
@@ -201,18 +219,29 @@ class TaskBatchedProblem(IterativeProblem):
                 f"problem '{self.name}': this window adapts {self._tasks} tasks but the batch "
                 f"holds {count_tasks(self.name, batch)}; keep T fixed within a window"
             )
-        w = self._w if differentiable else [t.detach() for t in self._w]
+        # The forward runs vmapped; the backward is ONE ordinary autograd pass over the sum
+        # of the T task losses: the tasks share no tensor, so d(sum)/d w[t] is task t's own
+        # gradient. This builds a plain autograd graph (no functorch grad levels), which is
+        # both faster than vmap(grad(...)) and what reverse mode back-propagates through.
+        if differentiable:
+            w = [t if t.requires_grad else t.detach().requires_grad_() for t in self._w]
+        else:
+            w = [t.detach().requires_grad_() for t in self._w]
 
         def task_loss(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
                       task_batch: Any) -> tuple[Tensor, Any]:
             with self._task_slots(params, buffers):
                 loss, extras = self._loss_and_dict(task_batch)
             if len(extras) == 1:  # only the loss: a bare tensor is cheaper for vmap's pytrees
-                return loss, loss.detach()
+                return loss
             return loss, {k: v.detach() for k, v in extras.items() if isinstance(v, Tensor)}
 
-        grads, logged = vmap(grad(task_loss, has_aux=True), in_dims=(0, 0, task_dims(batch)),
-                             randomness="different")(tuple(w), tuple(self._task_buffers), batch)
+        with torch.enable_grad():
+            out = vmap_tasks(task_loss, w, self._task_buffers, batch)
+            losses, logged = (out, out.detach()) if isinstance(out, Tensor) else out
+            grads = torch.autograd.grad(losses.sum(), w, create_graph=differentiable,
+                                        allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(w, grads)]
         if isinstance(logged, Tensor):
             return list(grads), {"loss": logged.mean(0)}
         means = {k: (v if v.is_floating_point() else v.double()).mean(0)
@@ -304,12 +333,11 @@ class TaskBatchedProblem(IterativeProblem):
             )
 
         def task_forward(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
-                         a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+                         inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
             with self._task_slots(params, buffers):
-                return self.forward(*a, **kw)
+                return self.forward(*inputs[0], **inputs[1])
 
-        return vmap(task_forward, in_dims=(0, 0, task_dims(args), task_dims(kwargs)),
-                    randomness="different")(tuple(params), tuple(self._task_buffers), args, kwargs)
+        return vmap_tasks(task_forward, params, self._task_buffers, (args, kwargs))
 
     def hop_loss(self) -> Tensor:
         return Problem.hop_loss(self)  # the module's slots always hold its own parameters

@@ -1,15 +1,36 @@
 """MAML and first-order MAML with betty: sinusoid regression and few-shot digits.
 
-The lower problem adapts a copy of the meta-initialisation to each task of a meta-batch, all
-tasks at once (`TaskBatchedProblem`: one `torch.func.vmap` over stacked per-task parameters);
-the upper problem holds the initialisation and its loss is the adapted models' query loss.
-With `Config(first_order=False)` on the upper, autograd differentiates through the K inner
-SGD steps (MAML); `Config(first_order_updates=True)` on the lower drops the second
-derivatives (first-order MAML). The baseline is the same network, not meta-learned: trained
-jointly on the meta-training tasks, then fine-tuned with the same K steps on each new task.
+MAML (Finn, Abbeel & Levine, ICML 2017) learns an initialisation theta from which a few SGD
+steps on a new task's small support set give a good model of that task. Two problems:
 
-    python examples/maml/main.py            # both benchmarks, table and plot (about 2 min)
-    python examples/maml/main.py --quick    # seconds (the test suite runs this)
+* ``inner``, a `TaskBatchedProblem`, adapts theta to each of the 16 tasks of a meta-batch:
+  K = 5 SGD steps on each task's support set, all 16 tasks in one vmapped loop. Its
+  ``initial_parameters()`` returns the meta problem's module, so every window starts from
+  theta, differentiably.
+* ``meta``, an `ImplicitProblem` with ``Config(first_order=False)``, holds theta. Its loss
+  is the adapted models' loss on the tasks' query sets, ``self.inner(x)``, back-propagated
+  through the K inner updates: the exact MAML meta-gradient, second derivatives included.
+
+First-order MAML is the same program with ``Config(first_order_updates=True)`` on ``inner``:
+each inner update counts as a constant, so the meta-gradient is the query gradient at the
+adapted weights, applied to theta unchanged (no second derivatives).
+
+Two baselines learn no initialisation for adaptation: a network trained on the pooled
+meta-training data ("joint training"; for digits, a classifier over all meta-training classes
+whose head is replaced by a zero 5-way head), and a randomly initialised network. Both are
+fine-tuned like MAML (K plain SGD steps on the support set), with the learning rate picked
+from a grid on tasks of the meta-training distribution. Every model is scored the same way,
+on new tasks:
+
+* sinusoids: y = a sin(x + b), a ~ U[0.1, 5], b ~ U[0, pi], x ~ U[-5, 5]; 10 support points,
+  query MSE on 100 points; MLP 1-40-40-1, inner SGD lr 0.01, as in Finn et al. section 5.1;
+* digits (scikit-learn's 8x8 digits): 5-way 1-shot and 5-shot classification, labels shuffled
+  per task, 15 queries per class. Meta-training classes: digits 0-4, each under 4 rotations
+  and a mirror image (40 classes); test classes: the upright digits 5-9, never seen in
+  meta-training. MLP 64-64-5, inner SGD lr 0.5.
+
+    python examples/maml/main.py            # the README's table and maml.png (75 s here)
+    python examples/maml/main.py --quick    # seconds: a short run, as in the test
 """
 
 from __future__ import annotations
@@ -17,7 +38,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -25,267 +45,376 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.problems import ImplicitProblem, TaskBatchedProblem
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+Tasks = tuple[Tensor, Tensor, Tensor, Tensor]  # x_support, y_support, x_query, y_query
+METHODS = ("MAML", "first-order MAML", "joint training", "random init")
 
 
-# == tasks ===================================================================================
-@dataclass
-class Setting:
-    name: str
-    kind: str            # "regression" or "classification"
-    tasks: int           # tasks per meta-step
-    shots: int           # support examples per class (classification) or per task
-    inner_steps: int
-    inner_lr: float
-    meta_steps: int
+# -- tasks: every tensor stacked per task (leading dim T) ------------------------------------
+class Sinusoids:
+    """y = a sin(x + b), one random (a, b) per task; x and y are [T, points, 1]."""
 
+    kind, metric = "regression", "query MSE"
 
-def sinusoid_tasks(count: int, shots: int, g: torch.Generator) -> tuple[Tensor, ...]:
-    """y = a sin(x + b), a ~ U[0.1, 5], b ~ U[0, pi], x ~ U[-5, 5]; [T, n, 1] tensors."""
-    a = torch.rand(count, 1, 1, generator=g) * 4.9 + 0.1
-    b = torch.rand(count, 1, 1, generator=g) * math.pi
-    x = torch.rand(count, 2 * shots, 1, generator=g) * 10 - 5
-    y = a * torch.sin(x + b)
-    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+    def __init__(self, shots: int = 10, queries: int = 10) -> None:
+        self.shots, self.queries = shots, queries
 
+    def sample(self, count: int, gen: torch.Generator) -> Tasks:
+        a = torch.empty(count, 1, 1).uniform_(0.1, 5.0, generator=gen)
+        b = torch.empty(count, 1, 1).uniform_(0.0, math.pi, generator=gen)
+        x = torch.empty(count, self.shots + self.queries, 1).uniform_(-5.0, 5.0, generator=gen)
+        y = a * torch.sin(x + b)
+        return x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:]
 
-class Digits:
-    """5-way tasks from scikit-learn's digits. Meta-training draws from digits 0-4 under 4
-    rotations x mirroring (40 classes: with only 5, every task holds the same classes and
-    meta-learning overfits them); meta-testing uses the upright digits 5-9, never seen."""
-
-    def __init__(self) -> None:
-        data = load_digits()
-        x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-        y = torch.tensor(data.target)
-        self.by_class: dict[object, Tensor] = {c: x[y == c] for c in range(10)}
-        for c in range(5):
-            images = x[y == c].view(-1, 8, 8)
-            for turns in range(4):
-                for mirror in (False, True):
-                    view = torch.rot90(images, turns, dims=(1, 2))
-                    view = view.flip(2) if mirror else view
-                    self.by_class[(c, turns, mirror)] = view.reshape(-1, 64)
-        self.meta_train = [k for k in self.by_class if isinstance(k, tuple)]
-
-    def tasks(self, count: int, shots: int, classes: list, g: torch.Generator,
-              queries: int = 10) -> tuple[Tensor, ...]:
-        xs, ys, xq, yq = [], [], [], []
-        for _ in range(count):
-            order = [classes[i] for i in torch.randperm(len(classes), generator=g)[:5]]
-            support, query = [], []
-            for label, c in enumerate(order):  # labels permuted per task
-                pool = self.by_class[c]
-                pick = torch.randperm(len(pool), generator=g)[:shots + queries]
-                support.append((pool[pick[:shots]], torch.full((shots,), label)))
-                query.append((pool[pick[shots:]], torch.full((queries,), label)))
-            xs.append(torch.cat([s[0] for s in support]))
-            ys.append(torch.cat([s[1] for s in support]))
-            xq.append(torch.cat([q[0] for q in query]))
-            yq.append(torch.cat([q[1] for q in query]))
-        return torch.stack(xs), torch.stack(ys), torch.stack(xq), torch.stack(yq)
-
-
-def make_net(kind: str) -> nn.Module:
-    if kind == "regression":
+    def network(self, outputs: int = 1) -> nn.Module:
         return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                             nn.Linear(40, 1))
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+                             nn.Linear(40, outputs))
+
+    @staticmethod
+    def loss(prediction: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(prediction, target)
+
+    @staticmethod
+    def score(prediction: Tensor, target: Tensor) -> Tensor:
+        """Query MSE of each task: [T]."""
+        return (prediction - target).pow(2).mean(dim=(1, 2))
 
 
-def task_loss(kind: str, out: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(out, y) if kind == "regression" else F.cross_entropy(out, y)
+class FewShotDigits:
+    """5-way k-shot tasks drawn from a pool of classes (a list of [n, 64] image tensors); the
+    task's classes get the labels 0..4 in a random order. x is [T, 5 * points, 64]."""
+
+    kind, metric = "classification", "query accuracy"
+    ways = 5
+
+    def __init__(self, classes: list[Tensor], shots: int, queries: int = 15) -> None:
+        self.classes, self.shots, self.queries = classes, shots, queries
+
+    def sample(self, count: int, gen: torch.Generator) -> Tasks:
+        tasks = []
+        for _ in range(count):
+            chosen = torch.randperm(len(self.classes), generator=gen)[:self.ways].tolist()
+            picks = [self.classes[c][torch.randperm(len(self.classes[c]), generator=gen)
+                                     [:self.shots + self.queries]] for c in chosen]
+            tasks.append((torch.cat([p[:self.shots] for p in picks]),
+                          torch.arange(self.ways).repeat_interleave(self.shots),
+                          torch.cat([p[self.shots:] for p in picks]),
+                          torch.arange(self.ways).repeat_interleave(self.queries)))
+        return tuple(torch.stack(parts) for parts in zip(*tasks))  # type: ignore[return-value]
+
+    def network(self, outputs: int = 5) -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, outputs))
+
+    @staticmethod
+    def loss(prediction: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1))
+
+    @staticmethod
+    def score(prediction: Tensor, target: Tensor) -> Tensor:
+        """Query accuracy of each task: [T]."""
+        return (prediction.argmax(-1) == target).float().mean(-1)
 
 
-# == the program =============================================================================
+def digit_classes() -> tuple[list[Tensor], list[Tensor]]:
+    """Images by class, pixels in [0, 1]: the 40 meta-training classes (digits 0-4, each
+    rotated by 0, 90, 180, 270 degrees, and mirrored) and the 5 test classes (digits 5-9)."""
+    x, y = load_digits(return_X_y=True)
+    images = torch.tensor(x, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
+    labels = torch.tensor(y)
+    train = []
+    for digit in range(5):
+        for quarter_turns in range(4):
+            rotated = torch.rot90(images[labels == digit], quarter_turns, dims=(1, 2))
+            train += [rotated.reshape(-1, 64), rotated.flip(2).reshape(-1, 64)]
+    test = [images[labels == digit].reshape(-1, 64) for digit in range(5, 10)]
+    return train, test
+
+
+Family = Sinusoids | FewShotDigits
+
+
+# -- MAML with betty -------------------------------------------------------------------------
 class Inner(TaskBatchedProblem):
-    """Adapts every task of the meta-batch from the meta-initialisation (one vmapped loop)."""
+    """Adapts theta to every task of the meta-batch; ``training_step`` is ONE task's loss."""
 
-    def initial_parameters(self) -> nn.Module:
-        return self.meta.module
+    def initial_parameters(self):
+        return self.meta.module  # every window starts from theta
 
-    def on_inner_loop_start(self) -> None:
-        self.current = self.cfg["sample"]()  # a new meta-batch of tasks per window
+    def on_inner_loop_start(self):
+        self.tasks = self.family.sample(self.tasks_per_step, self.generator)  # new tasks
 
-    def get_batch(self) -> tuple[Tensor, Tensor]:
-        return self.current[0], self.current[1]
+    def get_batch(self):
+        x_support, y_support, _, _ = self.tasks
+        return x_support, y_support  # the same support sets at each of the K steps
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:  # ONE task
+    def training_step(self, batch):
         x, y = batch
-        return task_loss(self.cfg["kind"], self.module(x), y)
+        return self.family.loss(self.module(x), y)
 
 
 class Meta(ImplicitProblem):
-    """Holds the initialisation; its loss is the adapted models' query loss."""
+    """Holds theta; its loss is the adapted models' query loss, over all tasks."""
 
-    def get_batch(self) -> tuple[Tensor, Tensor]:
-        return self.inner.current[2], self.inner.current[3]
+    def get_batch(self):
+        _, _, x_query, y_query = self.inner.tasks
+        return x_query, y_query
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch  # [T, queries, ...]
-        out = self.inner(x)  # each task's adapted model on its own queries
-        if self.cfg["kind"] == "classification":
-            return F.cross_entropy(out.flatten(0, 1), y.flatten())
-        return F.mse_loss(out, y)
+    def training_step(self, batch):
+        x, y = batch
+        return self.inner.family.loss(self.inner(x), y)  # self.inner(x): each adapted model
 
 
-def meta_train(setting: Setting, sample, first_order_updates: bool, seed: int) -> nn.Module:
+@dataclass
+class Settings:
+    inner_lr: float
+    meta_steps: int
+    inner_steps: int = 5
+    tasks_per_step: int = 16
+    meta_lr: float = 1e-3
+
+
+def meta_train(family: Family, s: Settings, *, first_order: bool, seed: int
+               ) -> tuple[nn.Module, Inner]:
+    """theta after ``s.meta_steps`` meta-steps of MAML, or of first-order MAML; and the
+    inner problem, which can adapt theta to new tasks."""
     torch.manual_seed(seed)
-    net, template = make_net(setting.kind), make_net(setting.kind)
-    extra = {"kind": setting.kind, "sample": sample}
-    meta = Meta("meta", Config(first_order=False), module=net,
-                optimizer=torch.optim.Adam(net.parameters(), lr=1e-3), extra_config=extra)
-    inner = Inner("inner", Config(unroll_steps=setting.inner_steps,
-                                  first_order_updates=first_order_updates),
-                  module=template, optimizer=torch.optim.SGD(template.parameters(),
-                                                             lr=setting.inner_lr),
-                  extra_config=extra)
-    Engine([meta, inner], EngineConfig(train_iters=setting.inner_steps * setting.meta_steps),
-           {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}}).run()
-    return net
+    theta, template = family.network(), family.network()
+    meta = Meta("meta", Config(first_order=False), module=theta,
+                optimizer=torch.optim.Adam(theta.parameters(), lr=s.meta_lr))
+    inner = Inner("inner", Config(unroll_steps=s.inner_steps, first_order_updates=first_order),
+                  module=template,  # only the architecture: theta comes from meta
+                  optimizer=torch.optim.SGD(template.parameters(), lr=s.inner_lr))
+    inner.family, inner.tasks_per_step = family, s.tasks_per_step
+    inner.generator = torch.Generator().manual_seed(seed)
+    engine = Engine([meta, inner],  # one window of K inner steps, then one meta-step
+                    EngineConfig(train_iters=s.inner_steps * s.meta_steps, progress_bar=False),
+                    {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
+    engine.run()
+    return theta, inner
 
 
-def joint_train(setting: Setting, sample, seed: int) -> nn.Module:
-    """Baseline: one network trained on the meta-training tasks' data (task labels as
-    given), no meta-learning."""
+# -- the baselines ---------------------------------------------------------------------------
+def joint_train(family: Family, s: Settings, *, seed: int) -> nn.Module:
+    """Adam on the pooled meta-training data, as many steps and examples as MAML sees."""
     torch.manual_seed(seed)
-    net = make_net(setting.kind)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(setting.meta_steps):
-        xs, ys, xq, yq = sample()
-        x, y = torch.cat([xs, xq], 1).flatten(0, 1), torch.cat([ys, yq], 1).flatten(0, 1)
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(family, Sinusoids):  # regress y on x over the mixture of tasks
+        net = family.network()
+
+        def batch():
+            xs, ys, xq, yq = family.sample(s.tasks_per_step, gen)
+            return torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
+    else:  # one classifier over all meta-training classes
+        net = family.network(outputs=len(family.classes))
+        x = torch.cat(family.classes)
+        y = torch.cat([torch.full((len(c),), i) for i, c in enumerate(family.classes)])
+        size = s.tasks_per_step * family.ways * (family.shots + family.queries)
+
+        def batch():
+            pick = torch.randint(len(y), (size,), generator=gen)
+            return x[pick], y[pick]
+    opt = torch.optim.Adam(net.parameters(), lr=s.meta_lr)
+    for _ in range(s.meta_steps):
+        inputs, targets = batch()
+        loss = family.loss(net(inputs), targets)
         opt.zero_grad()
-        task_loss(setting.kind, net(x), y).backward()
+        loss.backward()
         opt.step()
+    if not isinstance(family, Sinusoids):  # new classes: a new head, all zeros
+        net[-1] = nn.Linear(net[-1].in_features, family.ways)
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
     return net
 
 
-def evaluate(net: nn.Module, setting: Setting, tasks: tuple[Tensor, ...], steps: int
-             ) -> float:
-    """Mean query loss (regression) or accuracy (classification) after `steps` SGD steps
-    on each task's support set, from `net`'s weights."""
-    names = [n for n, _ in net.named_parameters()]
-    xs, ys, xq, yq = tasks
-    scores = []
-    for t in range(xs.shape[0]):
-        w = [p.detach().clone().requires_grad_() for p in net.parameters()]
+# -- evaluation: the same fine-tuning for every model ----------------------------------------
+def adaptation_curve(family: Family, net: nn.Module, tasks: Tasks, lr: float, steps: int
+                     ) -> list[float]:
+    """Mean query score over ``tasks`` after 0, 1, ..., ``steps`` plain SGD steps (learning
+    rate ``lr``) from ``net``'s parameters on each task's support set."""
+    def support_loss(params, x, y):
+        return family.loss(functional_call(net, params, (x,)), y)
+
+    def predictions_along_the_way(params, x_support, y_support, x_query):
+        out = [functional_call(net, params, (x_query,))]
         for _ in range(steps):
-            out = torch.func.functional_call(net, dict(zip(names, w)), (xs[t],))
-            grads = torch.autograd.grad(task_loss(setting.kind, out, ys[t]), w)
-            w = [(p - setting.inner_lr * g).detach().requires_grad_() for p, g in zip(w, grads)]
-        with torch.no_grad():
-            out = torch.func.functional_call(net, dict(zip(names, w)), (xq[t],))
-            if setting.kind == "regression":
-                scores.append(F.mse_loss(out, yq[t]).item())
-            else:
-                scores.append((out.argmax(-1) == yq[t]).float().mean().item())
-    return sum(scores) / len(scores)
+            g = grad(support_loss)(params, x_support, y_support)
+            params = {n: p - lr * g[n] for n, p in params.items()}
+            out.append(functional_call(net, params, (x_query,)))
+        return torch.stack(out)
+
+    x_support, y_support, x_query, y_query = tasks
+    start = {n: p.detach() for n, p in net.named_parameters()}
+    with torch.no_grad():  # torch.func.grad still differentiates inside
+        out = vmap(predictions_along_the_way, in_dims=(None, 0, 0, 0))(
+            start, x_support, y_support, x_query)
+        return [family.score(out[:, k], y_query).mean().item() for k in range(steps + 1)]
 
 
-# == experiments =============================================================================
-def settings(quick: bool) -> list[Setting]:
-    scale = 0.05 if quick else 1.0
-    return [
-        Setting("sinusoid, 10-shot", "regression", 16, 10, 5, 0.01, int(1500 * scale)),
-        Setting("digits 5-way 1-shot", "classification", 16, 1, 5, 0.5, int(600 * scale)),
-        Setting("digits 5-way 5-shot", "classification", 16, 5, 5, 0.5, int(600 * scale)),
-    ]
+def pick_lr(family: Family, net: nn.Module, tasks: Tasks, steps: int,
+            grid: tuple[float, ...]) -> float:
+    """The grid's learning rate with the best score after ``steps`` steps on ``tasks``."""
+    better = -1.0 if family.kind == "classification" else 1.0  # minimise MSE, -accuracy
+    return min(grid, key=lambda lr: better * adaptation_curve(family, net, tasks, lr, steps)[-1])
 
 
-def run(quick: bool = False, seed: int = 0, test_tasks: int = 200) -> dict:
-    torch.set_num_threads(1)
-    digits = Digits()
-    rows = []
-    nets: dict[str, dict[str, nn.Module]] = {}
-    for setting in settings(quick):
-        g = torch.Generator().manual_seed(seed)
+# -- one setting: four models on the same test tasks -----------------------------------------
+def run_setting(name: str, train: Family, test: Family, s: Settings,
+                lr_grid: tuple[float, ...], eval_tasks: int, curve_steps: int, seed: int
+                ) -> tuple[list[dict], dict]:
+    gen = torch.Generator().manual_seed(seed + 1)  # evaluation tasks: not the training ones
+    test_tasks = test.sample(eval_tasks, gen)
+    tuning_tasks = train.sample(eval_tasks, gen)  # meta-training distribution
+    rows, curves = [], {}
+    for method in METHODS:
+        start = time.perf_counter()
+        lr, betty_after = None, None
+        if method in ("MAML", "first-order MAML"):
+            net, inner = meta_train(train, s, first_order=method != "MAML", seed=seed)
+            lr = s.inner_lr  # the step theta was meta-trained for
+            with torch.no_grad():  # betty's own adaptation, to cross-check the evaluation
+                inner.adapt(test_tasks[:2], steps=s.inner_steps)
+                betty_after = test.score(inner(test_tasks[2]), test_tasks[3]).mean().item()
+        elif method == "joint training":
+            net = joint_train(train, s, seed=seed)
+        else:
+            torch.manual_seed(seed)
+            net = train.network()
+        seconds = time.perf_counter() - start
+        if lr is None:
+            lr = pick_lr(train, net, tuning_tasks, s.inner_steps, lr_grid)
+        curve = adaptation_curve(test, net, test_tasks, lr, curve_steps)
+        curves[method] = {"curve": curve, "net": net, "lr": lr}
+        rows.append({"setting": name, "method": method, "kind": train.kind,
+                     "metric": train.metric, "before": curve[0], "after": curve[s.inner_steps],
+                     "betty_after": betty_after, "lr": lr, "seconds": seconds})
+    return rows, curves
 
-        def sample(setting: Setting = setting, g: torch.Generator = g) -> tuple[Tensor, ...]:
-            if setting.kind == "regression":
-                return sinusoid_tasks(setting.tasks, setting.shots, g)
-            return digits.tasks(setting.tasks, setting.shots, digits.meta_train, g)
 
-        test_g = torch.Generator().manual_seed(10_000 + seed)
-        count = 20 if quick else test_tasks
-        test = (sinusoid_tasks(count, setting.shots, test_g) if setting.kind == "regression"
-                else digits.tasks(count, setting.shots, [5, 6, 7, 8, 9], test_g))
-        trained: dict[str, nn.Module] = {}
-        for method in ("MAML", "first-order MAML", "joint training (no meta)"):
-            start = time.perf_counter()
-            if method == "joint training (no meta)":
-                net = joint_train(setting, sample, seed)
-            else:
-                net = meta_train(setting, sample, method == "first-order MAML", seed)
-            seconds = time.perf_counter() - start
-            trained[method] = net
-            rows.append({"setting": setting.name, "method": method,
-                         "before": evaluate(net, setting, test, 0),
-                         "after": evaluate(net, setting, test, setting.inner_steps),
-                         "seconds": seconds, "kind": setting.kind})
-        nets[setting.name] = trained
-    return {"rows": rows, "nets": nets}
+def run(quick: bool = False, seed: int = 0, plot: str | None = None) -> dict:
+    """Meta-train, train the baselines and evaluate them all; ``quick``: 30 meta-steps."""
+    sinusoid_steps, digit_steps = (30, 30) if quick else (3000, 1000)
+    eval_tasks, curve_steps = (50, 10) if quick else (300, 10)
+    rows, curves = [], {}
+
+    train = Sinusoids()
+    test = Sinusoids(queries=100)  # a finer estimate of each new task's error
+    r, curves["sinusoid"] = run_setting(
+        "sinusoid, 10-shot", train, test, Settings(inner_lr=0.01, meta_steps=sinusoid_steps),
+        (0.005, 0.01, 0.02, 0.05), eval_tasks, curve_steps, seed)
+    rows += r
+
+    train_classes, test_classes = digit_classes()
+    for shots in (1, 5):
+        r, curves[f"digits {shots}-shot"] = run_setting(
+            f"digits 5-way {shots}-shot", FewShotDigits(train_classes, shots),
+            FewShotDigits(test_classes, shots), Settings(inner_lr=0.5, meta_steps=digit_steps),
+            (0.1, 0.2, 0.5, 1.0), eval_tasks, curve_steps, seed)
+        rows += r
+    result = {"rows": rows, "curves": curves, "quick": quick}
+    if plot:
+        draw(result, test, seed, plot)
+    return result
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| setting | method | metric | before adapting | after K=5 steps | train s |",
-             "|---|---|---|---|---|---|"]
+# -- output ----------------------------------------------------------------------------------
+def print_table(rows: list[dict]) -> None:
+    print("| setting | method | metric | before adapting | after K=5 steps | fine-tuning lr "
+          "| train s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        metric = "query MSE (lower is better)" if r["kind"] == "regression" else \
-            "query accuracy, unseen classes"
-        lines.append(f"| {r['setting']} | {r['method']} | {metric} | {r['before']:.3f} | "
-                     f"{r['after']:.3f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+        print(f"| {r['setting']} | {r['method']} | {r['metric']} | {r['before']:.3f} "
+              f"| {r['after']:.3f} | {r['lr']:g} | {r['seconds']:.1f} |")
 
 
-def plot(result: dict, path: str) -> None:
+def draw(result: dict, sinusoids: Sinusoids, seed: int, path: str) -> None:
+    """Three panels: one new sinusoid task, MSE against steps, accuracy against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    setting = settings(False)[0]
-    nets = result["nets"][setting.name]
-    g = torch.Generator().manual_seed(123)
-    xs, ys, _, _ = sinusoid_tasks(1, setting.shots, g)
-    grid = torch.linspace(-5, 5, 200).unsqueeze(1)
-    fig, axes = plt.subplots(1, len(nets), figsize=(4 * len(nets), 3.2), sharey=True)
-    for ax, (method, net) in zip(axes, nets.items()):
-        names = [n for n, _ in net.named_parameters()]
-        w = [p.detach().clone().requires_grad_() for p in net.parameters()]
-        for step in range(setting.inner_steps + 1):
-            if step in (0, setting.inner_steps):
-                with torch.no_grad():
-                    out = torch.func.functional_call(net, dict(zip(names, w)), (grid,))
-                ax.plot(grid[:, 0], out[:, 0], label=f"after {step} steps")
-            out = torch.func.functional_call(net, dict(zip(names, w)), (xs[0],))
-            grads = torch.autograd.grad(F.mse_loss(out, ys[0]), w)
-            w = [(p - setting.inner_lr * gr).detach().requires_grad_() for p, gr in zip(w, grads)]
-        ax.scatter(xs[0][:, 0], ys[0][:, 0], c="k", s=12, label="support (10 shots)")
-        ax.set_title(method)
-    axes[0].legend(fontsize=7)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = dict(zip(METHODS, ("C0", "C1", "C2", "C7")))
+
+    ax = axes[0]  # one new task: a = 3, b = 1, ten support points
+    gen = torch.Generator().manual_seed(seed + 2)
+    x_support = torch.empty(1, 10, 1).uniform_(-5.0, 5.0, generator=gen)
+    y_support = 3.0 * torch.sin(x_support + 1.0)
+    grid = torch.linspace(-5, 5, 200).reshape(1, -1, 1)
+    ax.plot(grid[0, :, 0], 3.0 * torch.sin(grid[0, :, 0] + 1.0), "k", lw=2, label="true")
+    ax.scatter(x_support[0, :, 0], y_support[0, :, 0], c="k", zorder=5, label="support")
+    for method in ("MAML", "joint training"):
+        entry = result["curves"]["sinusoid"][method]
+        for steps, style in ((0, ":"), (5, "-")):
+            y = fine_tuned(sinusoids, entry["net"], x_support, y_support, grid, entry["lr"],
+                           steps)
+            ax.plot(grid[0, :, 0], y, style, color=colors[method],
+                    label=f"{method}, {steps} steps")
+    ax.set(title="a new sinusoid task (a=3, b=1)", xlabel="x", ylabel="y")
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    for method, entry in result["curves"]["sinusoid"].items():
+        ax.plot(entry["curve"], "o-", color=colors[method], label=method)
+    ax.axvline(5, color="grey", lw=0.5)
+    ax.set(title="sinusoids: new tasks", xlabel="SGD steps on the support set",
+           ylabel="query MSE", yscale="log")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    for shots, style in ((5, "o-"), (1, "s--")):
+        for method, entry in result["curves"][f"digits {shots}-shot"].items():
+            ax.plot(entry["curve"], style, color=colors[method], label=f"{method}, {shots}-shot")
+    ax.axhline(0.2, color="grey", lw=0.5)
+    ax.axvline(5, color="grey", lw=0.5)
+    ax.set(title="digits 5-9, 5-way (unseen classes)", xlabel="SGD steps on the support set",
+           ylabel="query accuracy")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def fine_tuned(family: Family, net: nn.Module, x: Tensor, y: Tensor, grid: Tensor, lr: float,
+               steps: int) -> Tensor:
+    """``net`` after ``steps`` SGD steps on (x, y), evaluated on ``grid`` (one task)."""
+    params = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    for _ in range(steps):
+        loss = family.loss(functional_call(net, params, (x[0],)), y[0])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        params = {n: (p - lr * g).detach().requires_grad_()
+                  for (n, p), g in zip(params.items(), grads)}
+    with torch.no_grad():
+        return functional_call(net, params, (grid[0],))[:, 0]
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run (seconds)")
+    parser.add_argument("--quick", action="store_true", help="30 meta-steps, 50 test tasks")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None,
+                        help="where to save the figure (default: maml.png next to this file, "
+                        "none with --quick)")
     args = parser.parse_args(argv)
+    plot = args.plot or (None if args.quick else
+                         os.path.join(os.path.dirname(os.path.abspath(__file__)), "maml.png"))
+
+    torch.set_num_threads(1)  # small networks: more threads only add overhead
     start = time.perf_counter()
-    result = run(quick=args.quick, seed=args.seed)
-    print(table(result["rows"]))
-    if not args.quick:
-        plot(result, os.path.join(HERE, "maml.png"))
-        print(f"plot: {os.path.join(HERE, 'maml.png')}")
-    print(f"total {time.perf_counter() - start:.1f} s")
-    return 0
+    result = run(quick=args.quick, seed=args.seed, plot=plot)
+    print_table(result["rows"])
+    check = [abs(r["betty_after"] - r["after"]) for r in result["rows"]
+             if r["betty_after"] is not None]
+    print(f"betty's inner.adapt vs this evaluation, after K steps: max difference "
+          f"{max(check):.1e}")
+    print(f"total {time.perf_counter() - start:.1f} s" + (f"; figure: {plot}" if plot else ""))
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
