@@ -13,10 +13,8 @@ Variants, all starting from the same theta and seeing the same tasks in the same
   (``initial_parameters()`` returns the meta problem's module) below an `ImplicitProblem`
   with ``Config(first_order=False)``: the program of docs/reverse_mode.md.
 * ``betty 16 problems``: the original Betty's way, one `IterativeProblem` per task and one
-  meta problem above all 16. An IterativeProblem starts each window from its own parameters
-  (a detached copy), so the task's weights are written theta + delta: delta is the
-  problem's parameters, zeroed at each window start, and theta is read from the meta
-  problem. This is the same update sequence and the same meta-gradient as MAML.
+  meta problem above all 16. Each task problem's ``initial_parameters()`` returns the meta
+  problem's module, so every window restarts from theta, differentiably.
 * ``betty 1 problem x16``: one such IterativeProblem that takes the 16 tasks one window
   after the other; the meta problem accumulates their query gradients
   (``gradient_accumulation=16``) before its Adam step.
@@ -273,29 +271,14 @@ class BettyTaskBatched(LibraryVariant):
         return meta, engine
 
 
-class Offset(nn.Module):
-    """A task's weights written as theta + delta. delta is this module's parameters; theta is
-    read from ``base``, which belongs to the meta problem (kept out of this module's
-    parameters, so the task problem's optimizer never touches it)."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self._base = [base]  # in a list: not registered as a submodule
-        self._theta = list(base.named_parameters())
-        self.delta = nn.ParameterList([torch.zeros_like(p) for _, p in self._theta])
-
-    def forward(self, x: Tensor) -> Tensor:
-        params = {n: p + d for (n, p), d in zip(self._theta, self.delta)}
-        return functional_call(self._base[0], params, (x,))
-
-
 class OneTask(IterativeProblem):
-    """Adapts task ``self.index`` of the current meta-batch, delta starting at 0."""
+    """Adapts task ``self.index`` of the current meta-batch; every window restarts from
+    theta (``initial_parameters()``), differentiably, with fresh optimizer state."""
+
+    def initial_parameters(self):
+        return self.meta.module
 
     def on_inner_loop_start(self):
-        with torch.no_grad():
-            for d in self.module.delta:
-                d.zero_()
         self.tasks = self.stream.next()
 
     def get_batch(self):
@@ -317,9 +300,9 @@ class MetaOverProblems(ImplicitProblem):
 
 def task_problem(cls: type[OneTask], name: str, net: nn.Module, s: Setting, stream: Stream,
                  index: int) -> OneTask:
-    offset = Offset(net)
-    problem = cls(name, Config(unroll_steps=s.inner_steps), module=offset,
-                  optimizer=torch.optim.SGD(offset.parameters(), lr=s.inner_lr))
+    template = copy.deepcopy(net)
+    problem = cls(name, Config(unroll_steps=s.inner_steps), module=template,
+                  optimizer=torch.optim.SGD(template.parameters(), lr=s.inner_lr))
     problem.stream, problem.index = stream, index
     return problem
 
@@ -342,9 +325,6 @@ class TaskAfterTask(OneTask):
     """One task per window: window k adapts task k % T of meta-batch k // T."""
 
     def on_inner_loop_start(self):
-        with torch.no_grad():
-            for d in self.module.delta:
-                d.zero_()
         self.index = (self.index + 1) % self.count_tasks
         if self.index == 0:
             self.tasks = self.stream.next()

@@ -524,6 +524,112 @@ def test_task_batched_maml_matches_sequential_loops(name):
     assert not adapt.optimizer.state  # each window starts every task afresh
 
 
+class OneTask(IterativeProblem):
+    """MAML the original Betty's way: one task per window, every window restarting from
+    theta through `initial_parameters()`."""
+
+    def initial_parameters(self):
+        return self.meta.module
+
+    def on_inner_loop_start(self):
+        self.task = next(self.sampler)
+
+    def get_batch(self):
+        return self.task[0], self.task[1]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.module(x), y)
+
+
+class TaskMeta(ImplicitProblem):
+    def get_batch(self):
+        return self.inner.task[2], self.inner.task[3]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.inner(x), y)
+
+    def grad_callback(self, grads):
+        self.record.append([g.clone() for g in grads])
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
+def test_iterative_problem_restarting_from_theta_is_sequential_maml(name):
+    """An IterativeProblem whose initial_parameters() is the upper's module, one task per
+    window, the upper accumulating TASKS query gradients: exact MAML, as the hand loop."""
+    if name == "sgd_momentum":
+        def make(net):
+            return torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
+        rule = sgd_momentum(0.3, 0.5, 0.0)
+    else:
+        def make(net):
+            return torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-3)
+        rule = adam(0.05, 0.8, 0.9, 1e-3)
+    unroll, windows = 3, 2
+    meta_net, template = mlp(0), mlp(1)
+    meta = TaskMeta("meta", Config(first_order=False, gradient_accumulation=TASKS),
+                    module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(),
+                                                               lr=META_LR))
+    meta.record = []
+    inner = OneTask("inner", Config(unroll_steps=unroll), module=template,
+                    optimizer=make(template))
+    inner.sampler = iter([tuple(part[t] for part in window)
+                          for window in task_sets(3, windows) for t in range(TASKS)])
+    Engine([meta, inner], EngineConfig(train_iters=unroll * TASKS * windows),
+           {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}}).run()
+    expected, adapted = sequential_maml(rule, unroll=unroll, windows=windows)
+    assert len(meta.record) == TASKS * windows  # grad_callback sees each micro-batch's sum
+    for got, want in zip(meta.record[TASKS - 1::TASKS], expected):
+        assert rel_err(got, want) < EXACT
+    # the module holds the last task's adapted weights; theta is untouched by the windows
+    assert rel_err(weights(template), [w[-1] for w in adapted]) < EXACT
+
+
+class FromDict(OneTask):
+    def initial_parameters(self):
+        return self.start  # a dict name -> tensor
+
+
+def test_initial_parameters_restart_without_an_upper_gradient():
+    """With no reverse-mode upper the restart is a detached copy with fresh optimizer state:
+    each window equals K plain torch.optim steps from the given tensors."""
+    start, template = mlp(0), mlp(1)
+    inner = FromDict("inner", Config(unroll_steps=2), module=template,
+                     optimizer=torch.optim.Adam(template.parameters(), lr=0.05))
+    inner.start = dict(start.named_parameters())
+    tasks = [tuple(part[t] for part in task_sets(4, 1)[0]) for t in range(2)]
+    inner.sampler = iter(tasks)
+    Engine([inner], EngineConfig(train_iters=4)).run()
+    plain = copy.deepcopy(start)
+    opt = torch.optim.Adam(plain.parameters(), lr=0.05)
+    for _ in range(2):  # the second window: fresh Adam state, from `start` again
+        opt.zero_grad()
+        F.mse_loss(plain(tasks[1][0]), tasks[1][1]).backward()
+        opt.step()
+    assert rel_err(weights(template), weights(plain)) < 1e-12
+    assert rel_err(weights(start), weights(mlp(0))) == 0  # the source is never written
+
+
+def test_initial_parameters_errors_before_training():
+    meta_net, template = mlp(0), bn_net()  # another architecture
+    meta = TaskMeta("meta", Config(first_order=False), module=meta_net,
+                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+    inner = OneTask("inner", Config(unroll_steps=2), module=template,
+                    optimizer=torch.optim.SGD(template.parameters(), lr=0.1))
+    with pytest.raises(ProblemDefinitionError, match=r"'inner'.*initial_parameters\(\)"):
+        Engine([meta, inner], EngineConfig(train_iters=2),
+               {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
+    template = mlp(1)
+    meta = TaskMeta("meta", Config(first_order=False), module=meta_net,
+                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+    inner = OneTask("inner", Config(unroll_steps=2), module=template,
+                    optimizer=torch.optim.SGD(template.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match=r"'inner'.*roll_back=False"):
+        Engine([meta, inner], EngineConfig(train_iters=2, roll_back=True),
+               {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
+
+
 def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
     """`adapt` (e.g. in validation) without a graph; BatchNorm statistics per task."""
     net = bn_net()

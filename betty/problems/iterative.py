@@ -14,6 +14,7 @@ Buffers (BatchNorm statistics) are the module's own and are updated in place as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,26 @@ class IterativeProblem(Problem):
         self._acc: list[Tensor] | None = None
         self._real: list[torch.nn.Parameter] = []
         self._slots: dict[int, list[Slot]] = {}
+        self._names: list[str] = []
+        self._buffer_names: list[str] = []
+        self._buffer_real: list[Tensor] = []
         self._reverse = False
+        self._restarts = False
+
+    # -- the hook this problem type adds ------------------------------------------------
+    def initial_parameters(self) -> torch.nn.Module | Mapping[str, Tensor] | None:
+        """Where each unroll window starts, read at every window start (and once before
+        training, to check names and shapes).
+
+        None (the default): from this problem's current parameters and optimizer state, so
+        training simply continues across windows. A module with this problem's parameter
+        names (e.g. ``self.meta.module`` for MAML) or a mapping name -> tensor: every window
+        restarts from those tensors, with fresh optimizer state and, when the returned
+        module has them, its buffer values. Under an upper with ``Config(first_order=False)``
+        the start is differentiable (``w_0`` is a clone in the graph), so the upper's
+        gradient reaches the returned tensors: one task per window is MAML.
+        """
+        return None
 
     # -- set-up --------------------------------------------------------------------------
     def initialize(self, engine: Engine, device: torch.device) -> None:
@@ -85,6 +105,21 @@ class IterativeProblem(Problem):
                 "its module; an IterativeProblem's optimizer must optimize its own module"
             )
         self._slots = slots
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        self._names = [names[id(p)] for p in self._real]
+        self._buffer_names, self._buffer_real = [], []
+        for full, buf in self.module.named_buffers():
+            self._buffer_names.append(full)
+            self._buffer_real.append(buf)
+        self._restarts = self._restarts_windows()
+        if self._restarts:
+            if self._rolls_back():
+                raise ConfigError(
+                    f"problem '{self.name}' restarts every window from "
+                    "initial_parameters(), so EngineConfig.roll_back has nothing to replay; "
+                    "set roll_back=False"
+                )
+            self._initial_values()  # names and shapes: fail before training
         reverse = [p for p in self.parents if not p.config.first_order]
         if reverse and len(reverse) != len(self.parents):
             raise ConfigError(
@@ -95,6 +130,40 @@ class IterativeProblem(Problem):
         self._reverse = bool(reverse)
         for parent in reverse:
             parent._shares_window_graph = len(reverse) > 1
+
+    def _restarts_windows(self) -> bool:
+        return self.initial_parameters() is not None
+
+    def _initial_values(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """``initial_parameters()`` as this problem's parameters and buffers, in order (a
+        buffer the source lacks is None); a clear error for missing names or shapes."""
+        assert self.module is not None
+        source = self.initial_parameters()
+        source = self.module if source is None else source
+        if isinstance(source, torch.nn.Module):
+            params, buffers = dict(source.named_parameters()), dict(source.named_buffers())
+        elif isinstance(source, Mapping):
+            params, buffers = dict(source), {}
+        else:
+            raise ProblemDefinitionError(
+                f"problem '{self.name}': initial_parameters() returned "
+                f"{type(source).__name__}; return a module, a dict name -> tensor, or None"
+            )
+        missing = [n for n, p in zip(self._names, self._real)
+                   if n not in params or params[n].shape != p.shape]
+        if missing:
+            raise ProblemDefinitionError(
+                f"problem '{self.name}': initial_parameters() lacks parameters {missing} of "
+                "the shapes this problem's module has; return a module of the same "
+                "architecture (e.g. the upper's module) or a dict name -> tensor"
+            )
+        return ([params[n] for n in self._names],
+                [buffers.get(n) for n in self._buffer_names])
+
+    def _fresh_state(self, params: list[Tensor]) -> list[dict[str, Any]]:
+        """Optimizer state as at the first step (no history), one dict per parameter."""
+        groups = [g for g in self._fopt.optimizer.param_groups for _ in g["params"]]
+        return [self._fopt.rule.init(w, g) for w, g in zip(params, groups)]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The real parameters (the slots may hold functional tensors inside a window)."""
@@ -134,8 +203,21 @@ class IterativeProblem(Problem):
     def _open_functional_state(self) -> None:
         # clones, not detached views: writing back into the real parameters at the window
         # end must not bump the version of tensors saved in the window's graph
-        self._w = [p.detach().clone().requires_grad_(p.requires_grad) for p in self._real]
-        self._fstate = self._fopt.init_state(self._real)
+        if not self._restarts:
+            self._w = [p.detach().clone().requires_grad_(p.requires_grad) for p in self._real]
+            self._fstate = self._fopt.init_state(self._real)
+        else:
+            params, buffers = self._initial_values()
+            self._w = [
+                w.clone() if self._reverse and w.requires_grad
+                else w.detach().clone().requires_grad_(p.requires_grad)
+                for w, p in zip(params, self._real)
+            ]
+            self._fstate = self._fresh_state(self._w)
+            with torch.no_grad():
+                for real, start in zip(self._buffer_real, buffers):
+                    if start is not None and start is not real:
+                        real.copy_(start)
         self._swap_in(self._w)
 
     # -- one differentiable local step ---------------------------------------------------

@@ -44,7 +44,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
-from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
+from betty.errors import ConfigError, TrainingError
 from betty.problems.iterative import IterativeProblem, Slot, _detach, _mark_stepped
 from betty.problems.problem import Problem
 
@@ -92,9 +92,6 @@ class TaskBatchedProblem(IterativeProblem):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._names: list[str] = []
-        self._buffer_names: list[str] = []
-        self._buffer_real: list[Tensor] = []
         self._buffer_slots: list[list[Slot]] = []
         self._task_buffers: list[Tensor] | None = None
         self._tasks = 0
@@ -126,25 +123,12 @@ class TaskBatchedProblem(IterativeProblem):
                 f"problem '{self.name}' is a TaskBatchedProblem with lower problems "
                 f"{[p.name for p in self.children]}; it can only be a lower level"
             )
-        if self._rolls_back():
-            raise ConfigError(
-                f"problem '{self.name}' is a TaskBatchedProblem, which restarts every window "
-                "from initial_parameters(), so EngineConfig.roll_back has nothing to replay; "
-                "set roll_back=False"
-            )
         assert self.module is not None
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        self._names = [names[id(p)] for p in self._real]
         slots: dict[int, list[Slot]] = {}
-        self._buffer_names, self._buffer_real = [], []
         for full, buf in self.module.named_buffers(remove_duplicate=False):
             owner, _, leaf = full.rpartition(".")
-            if id(buf) not in slots:
-                self._buffer_names.append(full)
-                self._buffer_real.append(buf)
             slots.setdefault(id(buf), []).append((self.module.get_submodule(owner), leaf))
         self._buffer_slots = [slots[id(b)] for b in self._buffer_real]
-        self._initial_values()  # names and shapes: fail before training
 
     # -- window: per-task copies ---------------------------------------------------------
     def _open_functional_state(self) -> None:
@@ -163,34 +147,18 @@ class TaskBatchedProblem(IterativeProblem):
     def _settle(self) -> None:
         """Keep the adapted tasks after training (the module never holds them)."""
 
-    def _initial_values(self) -> tuple[list[Tensor], list[Tensor]]:
-        assert self.module is not None
-        source = self.initial_parameters()
-        source = self.module if source is None else source
-        if isinstance(source, torch.nn.Module):
-            params, buffers = dict(source.named_parameters()), dict(source.named_buffers())
-        else:
-            params, buffers = dict(source), {}
-        missing = [n for n, p in zip(self._names, self._real)
-                   if n not in params or params[n].shape != p.shape]
-        if missing:
-            raise ProblemDefinitionError(
-                f"problem '{self.name}': initial_parameters() lacks parameters {missing} of "
-                "the shapes this problem's module has; return a module of the same "
-                "architecture (e.g. the upper's module) or a dict name -> tensor"
-            )
-        return ([params[n] for n in self._names],
-                [buffers.get(n, b) for n, b in zip(self._buffer_names, self._buffer_real)])
+    def _restarts_windows(self) -> bool:
+        return True  # None from initial_parameters() means this problem's own module
 
     def _start(self, tasks: int) -> None:
         """Window start: T copies of the initial values (a view of them: differentiable)."""
         params, buffers = self._initial_values()
         self._tasks = tasks
         self._w = [p.unsqueeze(0).expand(tasks, *p.shape) for p in params]
-        self._task_buffers = [b.detach().unsqueeze(0).expand(tasks, *b.shape).clone()
-                              for b in buffers]
-        groups = [g for g in self._fopt.optimizer.param_groups for _ in g["params"]]
-        self._fstate = [self._fopt.rule.init(w, g) for w, g in zip(self._w, groups)]
+        self._task_buffers = [
+            (own if b is None else b).detach().unsqueeze(0).expand(tasks, *own.shape).clone()
+            for b, own in zip(buffers, self._buffer_real)]
+        self._fstate = self._fresh_state(self._w)
 
     @contextmanager
     def _task_slots(self, params: Sequence[Tensor], buffers: Sequence[Tensor]
