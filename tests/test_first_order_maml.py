@@ -1,6 +1,7 @@
-"""Config(first_order_updates=True) on a TaskBatchedProblem is first-order MAML: the meta-
-gradient is the mean over tasks of the query gradient at the adapted weights (each inner
-update treated as a constant). Reference: a hand-written per-task loop in float64."""
+"""Config(first_order_updates=True) on a TaskBatchedProblem or an IterativeProblem is
+first-order MAML: the meta-gradient is the mean over tasks of the query gradient at the
+adapted weights (each inner update treated as a constant). Reference: a hand-written
+per-task loop in float64."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 from betty import Config, Engine, EngineConfig
-from betty.problems import ImplicitProblem, TaskBatchedProblem
+from betty.errors import ConfigError
+from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 
 TASKS, SHOTS, STEPS, LR = 4, 6, 3, 0.05
 
@@ -84,3 +86,59 @@ def test_task_batched_meta_gradient_matches_hand_written(first_order):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     other = _reference(tasks, not first_order)  # the two meta-gradients really differ
     assert max(float((a - b).abs().max()) for a, b in zip(reference, other)) > 1e-4
+
+
+class OneTask(IterativeProblem):
+    """The same program one task per window: every window restarts from theta."""
+
+    def initial_parameters(self):
+        return self.meta.module
+
+    def on_inner_loop_start(self):
+        self.index = (self.index + 1) % TASKS
+
+    def get_batch(self):
+        return self.tasks[0][self.index], self.tasks[1][self.index]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.module(x), y)
+
+
+class SequentialMeta(ImplicitProblem):
+    def get_batch(self):
+        return self.inner.tasks[2][self.inner.index], self.inner.tasks[3][self.inner.index]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.inner(x), y)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_iterative_problem_first_order_updates_match_hand_written(first_order):
+    """`first_order_updates` on an IterativeProblem: the upper accumulates the TASKS windows'
+    query gradients (gradient_accumulation) to the same meta-gradient."""
+    tasks = _tasks()
+    meta_net, template = _net(0), _net(1)
+    meta = SequentialMeta("meta", Config(first_order=False, gradient_accumulation=TASKS),
+                          module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(),
+                                                                     lr=0.0))
+    inner = OneTask("inner", Config(unroll_steps=STEPS, first_order_updates=first_order),
+                    module=template, optimizer=torch.optim.SGD(template.parameters(), lr=LR))
+    inner.tasks, inner.index = tasks, -1
+    seen = []
+    meta.grad_callback = lambda grads: seen.append([g.clone() for g in grads])
+    Engine([meta, inner], EngineConfig(train_iters=STEPS * TASKS),
+           {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}}).run()
+    for got, want in zip(seen[-1], _reference(tasks, first_order)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_reverse_mode_fields_are_refused_on_an_implicit_problem():
+    net = _net(0)
+    for field in ({"first_order_updates": True}, {"truncation_steps": 2}):
+        problem = Meta("meta", Config(**field), module=net,
+                       optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        name = next(iter(field))
+        with pytest.raises(ConfigError, match=rf"'meta' is a Meta.*{name}=.*IterativeProblem"):
+            Engine([problem], EngineConfig(train_iters=1))

@@ -269,7 +269,9 @@ class IterativeProblem(Problem):
         loss, loss_dict = self._loss_and_dict(batch)
         self._last_loss = loss.detach()
         gas = self.config.gradient_accumulation
-        create_graph = self._differentiable_now()
+        differentiable = self._differentiable_now()
+        first_order = differentiable and self.config.first_order_updates
+        create_graph = differentiable and not first_order
         grads = self._grads(loss if gas == 1 else loss / gas, create_graph)
         if gas > 1:
             grads = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads)]
@@ -281,9 +283,16 @@ class IterativeProblem(Problem):
             grads = self._clip(grads)
         self.grad_callback(grads)
         self._last_grads = [g.detach() for g in grads]
-        new_w, new_state = self._fopt.step(self._w, grads, self._fstate)
+        if first_order:
+            # first-order MAML: each update is a constant, w_{t+1} = w_t + stopgrad(Δ_t), so
+            # d w_K / d w_0 = I and the upper's gradient at w_K reaches w_0 unchanged
+            base = [w.detach() for w in self._w]
+            stepped, new_state = self._fopt.step(base, grads, _detach(self._fstate))
+            new_w = [w + (new - old) for w, new, old in zip(self._w, stepped, base)]
+        else:
+            new_w, new_state = self._fopt.step(self._w, grads, self._fstate)
         _mark_stepped(self.optimizer)
-        if not create_graph:
+        if not differentiable:
             new_w = [w.detach().requires_grad_(p.requires_grad)
                      for w, p in zip(new_w, self._real)]
             new_state = _detach(new_state)

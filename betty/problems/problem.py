@@ -178,6 +178,15 @@ class Problem(ProblemHooks):
         self._engine = engine
         self._device = device
         self.check_definition()
+        reverse_only = [f"{field}={getattr(self._config, field)!r}"
+                        for field in ("truncation_steps", "first_order_updates")
+                        if getattr(self._config, field)]
+        if reverse_only and not getattr(self, "supports_reverse_mode", False):
+            raise ConfigError(
+                f"problem '{self._name}' is a {type(self).__name__}, but its Config sets "
+                f"{', '.join(reverse_only)}, which only act on the differentiable updates of "
+                "an IterativeProblem or TaskBatchedProblem; remove them or change the class"
+            )
         self.module = _given(self.configure_module(), self.module)
         if not isinstance(self.module, torch.nn.Module):
             raise ProblemDefinitionError(
