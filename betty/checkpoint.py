@@ -366,8 +366,9 @@ def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
         if hit[0]:
             raise KeyboardInterrupt
         hit[0] = True
-        log.warning("Ctrl-C: saving a checkpoint at the end of this global step, then "
-                    "stopping (press Ctrl-C again to stop at once without saving)")
+        log.warning("Ctrl-C: saving a checkpoint at the end of this global step (or of the "
+                    "reverse-mode unroll window it is in), then stopping (press Ctrl-C again "
+                    "to stop at once without saving)")
 
     signal.signal(signal.SIGINT, handler)
     try:

@@ -227,6 +227,8 @@ class Engine:
                                enabled=config.progress_bar and self.strategy.is_main)
         strategy = self.strategy
         single = strategy.world_size == 1
+        due = False  # a periodic checkpoint waiting for an unroll window to end
+        self._waiting_since: int | None = None
         try:
             with checkpoint.deferred_interrupt(config.checkpoint_dir is not None) as stop, \
                     strategy.fail_together():
@@ -241,12 +243,18 @@ class Engine:
                         self.stopped_early = self._validate()
                     self._end_step(progress)
                     # several processes stop together: one rank's Ctrl-C stops them all
-                    if config.checkpoint_dir is not None and strategy.any(stop()):
+                    interrupted = config.checkpoint_dir is not None and strategy.any(stop())
+                    due = due or bool(config.checkpoint_step
+                                      and step % config.checkpoint_step == 0)
+                    if (interrupted or due) and self._wait_for_window(step):
+                        pass  # a reverse-mode window is open: save when it ends
+                    elif interrupted:
                         log.warning("interrupted: checkpoint saved to %s",
                                     self.save_checkpoint())
                         raise KeyboardInterrupt
-                    if config.checkpoint_step and step % config.checkpoint_step == 0:
+                    elif due:
                         self.save_checkpoint()
+                        due = False
                     if self.stopped_early:
                         log.info("early stopping at global step %d", step)
                         break
@@ -268,10 +276,37 @@ class Engine:
             progress.update()
 
     # -- checkpoints (betty.checkpoint) --------------------------------------------------
+    def _checkpoint_blockers(self) -> list[str]:
+        """Why the program cannot be checkpointed at this global step (empty: it can)."""
+        return [why for p in self.problems if (why := p._unsaveable_window()) is not None]
+
+    def _wait_for_window(self, step: int) -> bool:
+        """True while a due checkpoint must wait for an unroll window to end (logged once)."""
+        blockers = self._checkpoint_blockers()
+        if not blockers:
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = step
+            log.info("checkpoint of global step %d deferred to the end of the unroll window: "
+                     "%s", step, "; ".join(blockers))
+        return True
+
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:
         """Atomically write everything needed to continue exactly as if never stopped;
         ``path`` defaults to ``<checkpoint_dir>/step_<global_step>.pt``. Returns the path.
-        Several processes: every rank calls it; rank 0 writes, the others wait."""
+        Several processes: every rank calls it; rank 0 writes, the others wait.
+
+        Refused (`CheckpointError`) in the middle of an unroll window that an upper
+        differentiates (reverse mode) or that restarts from ``initial_parameters()``: that
+        window's history is a graph no file can hold. ``checkpoint_step`` and Ctrl-C wait
+        for the window to end on their own."""
+        blockers = self._checkpoint_blockers()
+        if blockers:
+            raise checkpoint.CheckpointError(
+                f"cannot checkpoint global step {self.global_step}: {'; '.join(blockers)}. "
+                "Save at the end of the window (a global step where it completes)"
+            )
         self.strategy.prepare_checkpoint(self)  # ZeRO: gather optimizer state on rank 0
         return self.strategy.run_on_main(lambda: checkpoint.save(self, path))
 

@@ -83,10 +83,13 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "lower": {"unroll_steps": 2, "precision": "fp16", "gradient_clipping": 0.5,
                   "initial_dynamic_scale": 2.0**10},
         "upper": {"precision": "bf16", "gradient_clipping": 0.1}, "engine": {}},
+    "reverse": {"lower": {"unroll_steps": 2}, "upper": {"first_order": False}, "engine": {}},
+    "accumulation": {"lower": {"unroll_steps": 2, "gradient_accumulation": 2}, "upper": {},
+                     "engine": {}},
 }
-# One entry per (lower problem class, variant). An IterativeProblem lower does not yet
-# checkpoint its in-window state (gradients accumulated in a window, the graph of a
-# reverse-mode window), so only its "plain" variant (implicit hops) is listed.
+# One entry per (lower problem class, variant) checkpointed at global step N. An
+# IterativeProblem's in-window graph (reverse mode) and micro-batch gradients cannot be
+# saved, so those variants checkpoint at the window end instead (tests below).
 RESUME_CASES = [("implicit", "plain"), ("implicit", "rollback-accumulation-warmup"),
                 ("implicit", "fp16-bf16-clipping"), ("iterative", "plain")]
 
@@ -179,6 +182,51 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path, kind, variant):
     assert_same(resumed, reference(kind, variant))
 
 
+@pytest.mark.parametrize(("variant", "why"), [
+    ("reverse", r"'lower' is 1 local steps into its 2-step unroll window"),
+    ("accumulation", r"'lower' holds gradients of micro-batches not yet applied"),
+])
+def test_unsaveable_checkpoint_waits_for_the_window_end_and_resumes_exactly(tmp_path, variant,
+                                                                            why):
+    """Global step N is mid-window in reverse mode (or mid-accumulation in an iterative
+    lower): the periodic checkpoint is written one step later, when that ends; an explicit
+    save at N is refused; a fresh process resumes from the deferred checkpoint bitwise equal
+    to the uninterrupted run; and a run that stopped at N continues exactly."""
+    first = build("iterative", variant, train_iters=N + 1, checkpoint_dir=str(tmp_path),
+                  checkpoint_step=N)
+    first.run()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [N + 1]
+    out = tmp_path / "resumed.pt"
+    done = subprocess.run([sys.executable, __file__, "iterative", variant, str(tmp_path),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(out, weights_only=True)
+    assert resumed["global_step"] == 2 * N
+    assert_same(resumed, reference("iterative", variant))
+    mid = build("iterative", variant, train_iters=N)
+    mid.run()
+    with pytest.raises(CheckpointError, match=rf"global step 7: problem {why}"):
+        mid.save_checkpoint(tmp_path / "mid.pt")
+    assert not (tmp_path / "mid.pt").exists()
+    mid.config.train_iters = 2 * N  # the cut window continues where it stopped
+    mid.run()
+    assert_same(final_state(mid), reference("iterative", variant))
+
+
+def test_a_mid_window_reverse_checkpoint_would_not_resume_exactly(tmp_path, monkeypatch):
+    """Why the refusal above: forced through, a mid-window save loses the window's graph,
+    and the resumed run differs from the uninterrupted one."""
+    mid = build("iterative", "reverse", train_iters=N)
+    mid.run()
+    monkeypatch.setattr(IterativeProblem, "_unsaveable_window", lambda self: None)
+    path = mid.save_checkpoint(tmp_path / "mid.pt")
+    engine = build("iterative", "reverse")
+    engine.load_checkpoint(path)
+    engine.run()
+    with pytest.raises(AssertionError):
+        assert_same(final_state(engine), reference("iterative", "reverse"))
+
+
 def test_the_reference_is_sensitive_to_the_data_order():
     """Guard against a vacuous comparison: another shuffle gives another end state."""
     engine = build()
@@ -211,6 +259,17 @@ def test_ctrl_c_saves_a_loadable_checkpoint_at_the_end_of_the_step(tmp_path):
     resumed = build(checkpoint_dir=str(tmp_path), resume_from="latest")
     resumed.run()
     assert_same(final_state(resumed), reference("implicit", "plain"))
+
+
+def test_ctrl_c_mid_reverse_window_saves_when_the_window_ends(tmp_path):
+    engine = build("iterative", "reverse", checkpoint_dir=str(tmp_path), interrupt_at=(5, 1))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert engine.global_step == 6  # step 5 is the first of a 2-step window
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [6]
+    resumed = build("iterative", "reverse", checkpoint_dir=str(tmp_path), resume_from="latest")
+    resumed.run()
+    assert_same(final_state(resumed), reference("iterative", "reverse"))
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):

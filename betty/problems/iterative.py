@@ -60,6 +60,7 @@ class IterativeProblem(Problem):
         self._buffer_real: list[Tensor] = []
         self._reverse = False
         self._restarts = False
+        self._suspended = False  # a window cut by the end of Engine.run, graph kept
 
     # -- the hook this problem type adds ------------------------------------------------
     def initial_parameters(self) -> torch.nn.Module | Mapping[str, Tensor] | None:
@@ -183,18 +184,49 @@ class IterativeProblem(Problem):
 
     def _end_previous_window(self) -> None:
         """Put the real parameters back in the module and drop the window's graph."""
+        self._suspended = False
         if self._w is not None:
             self._swap_in(self._real)
             self._w, self._fstate, self._acc = None, None, None
 
+    def _mid_window(self) -> bool:
+        """Inside an unroll window whose start matters: one an upper differentiates, or one
+        restarted from initial_parameters()."""
+        length = self.config.unroll_steps * self.config.gradient_accumulation
+        return ((self._reverse or self._restarts) and not self._window_start
+                and self._count % length != 0)
+
     def _settle(self) -> None:
-        """Training stops: keep a partial window's progress, give the module its parameters
-        back and drop the last window's graph."""
+        """Training stops: write a partial window's progress into the real parameters and
+        give the module its parameters back. A window whose start matters keeps its graph
+        (and any micro-batch gradients not yet applied), suspended, so that the next
+        `Engine.run` continues it exactly; any other window's graph is dropped."""
         if self._w is not None and self._fstate is not None:
             with torch.no_grad():
                 torch._foreach_copy_(self._real, [w.detach() for w in self._w])
             self._fopt.write_back(_detach(self._fstate))
+        if self._w is not None and (self._mid_window() or self._acc is not None):
+            self._swap_in(self._real)
+            self._suspended = True
+            return
         self._end_previous_window()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._end_previous_window()  # a loaded state starts from the real parameters
+        super().load_state_dict(state)
+
+    def _unsaveable_window(self) -> str | None:
+        """Mid-window, a window whose start matters (differentiated by an upper, or restarted
+        from initial_parameters()) cannot be saved: its history is a graph back to w_0."""
+        if self._acc is not None:
+            return (f"problem '{self.name}' holds gradients of micro-batches not yet applied "
+                    "(Config.gradient_accumulation) inside its unroll window")
+        if not self._mid_window():
+            return None
+        length = self.config.unroll_steps * self.config.gradient_accumulation
+        return (f"problem '{self.name}' is {self._count % length} local steps into its "
+                f"{length}-step unroll window, whose differentiable history (the graph back "
+                "to the window start) a checkpoint cannot hold")
 
     def _begin_window(self) -> None:
         super()._begin_window()
@@ -265,6 +297,9 @@ class IterativeProblem(Problem):
     def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
         if self._w is None:
             self._open_functional_state()
+        elif self._suspended:  # a window cut by the end of the last run: continue it
+            self._swap_in(self._w)
+            self._suspended = False
         assert self._w is not None and self._fstate is not None
         loss, loss_dict = self._loss_and_dict(batch)
         self._last_loss = loss.detach()
@@ -321,7 +356,7 @@ class IterativeProblem(Problem):
 
     def hop_loss(self) -> Tensor:
         """Implicit hops through this problem perturb the real parameters: use them."""
-        live = self._w
+        live = None if self._suspended else self._w
         if live is not None:
             self._swap_in(self._real)
         try:

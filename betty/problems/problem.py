@@ -445,6 +445,10 @@ class Problem(ProblemHooks):
     def _settle(self) -> None:
         """Runs when `Engine.run` returns: the module must hold its own parameters then."""
 
+    def _unsaveable_window(self) -> str | None:
+        """Why a checkpoint cannot capture this problem now (None: it can)."""
+        return None
+
     def _begin_window(self) -> None:
         """Runs after `on_inner_loop_start` at each window start (subclasses extend)."""
         if self._rolls_back():
