@@ -381,10 +381,12 @@ class Problem(ProblemHooks):
         unrolled window of a lower on a path (not only directly)?"""
         for path in self._paths:
             window = getattr(path[1], "window_parameters", lambda: None)()
+            # a window tensor may be a constant (e.g. a head that initial_parameters() fixes)
+            window = [w for w in window or [] if w.requires_grad]
             if not window or not loss.requires_grad:
                 continue
             v = torch.autograd.grad(loss, window, retain_graph=True, allow_unused=True)
-            pairs = [(w, g) for w, g in zip(window, v) if g is not None and w.requires_grad]
+            pairs = [(w, g) for w, g in zip(window, v) if g is not None]
             if not pairs:
                 continue
             back = torch.autograd.grad([w for w, _ in pairs], params,
