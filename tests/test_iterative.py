@@ -630,6 +630,45 @@ def test_initial_parameters_errors_before_training():
                {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
 
 
+class IndexedAdapt(Adapt):
+    """Tasks chosen by the window index (the local step count is checkpointed)."""
+
+    def on_inner_loop_start(self):
+        self.tasks = self.sets[self.count // self.config.unroll_steps]
+
+
+def _indexed_maml(windows: int, **engine: object) -> tuple[Engine, Meta, IndexedAdapt]:
+    meta_net, template = mlp(0), mlp(1)
+    meta = Meta("meta", Config(first_order=False), module=meta_net,
+                optimizer=torch.optim.Adam(meta_net.parameters(), lr=0.05))
+    meta.record = []
+    adapt = IndexedAdapt("adapt", Config(unroll_steps=2), module=template,
+                         optimizer=torch.optim.SGD(template.parameters(), lr=0.3, momentum=0.5))
+    adapt.sets = task_sets(5, 4)
+    program = Engine([meta, adapt], EngineConfig(train_iters=2 * windows, **engine),
+                     {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
+    return program, meta, adapt
+
+
+def test_task_batched_checkpoint_resumes_bitwise(tmp_path):
+    """Saved between windows, a task-batched program resumes bitwise (meta Adam state
+    included); mid-window, the periodic checkpoint waits for the window's end."""
+    whole, meta, adapt = _indexed_maml(4)
+    whole.run()
+    first, _, _ = _indexed_maml(3, checkpoint_dir=str(tmp_path), checkpoint_step=3)
+    first.run()  # step 3 is mid-window: saved at step 4 instead (and at step 6)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000004.pt", "step_00000006.pt"]
+    resumed, meta2, adapt2 = _indexed_maml(4)
+    resumed.load_checkpoint(tmp_path / "step_00000004.pt")
+    resumed.run()
+    for a, b in zip(meta.module.parameters(), meta2.module.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(adapt.adapted_parameters().values(), adapt2.adapted_parameters().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(meta.optimizer.state_dict()["state"][0]["exp_avg"],
+                       meta2.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
     """`adapt` (e.g. in validation) without a graph; BatchNorm statistics per task."""
     net = bn_net()
