@@ -8,7 +8,9 @@ means). After 8 global steps (4 outer steps, two of them across an epoch end of 
 loader) the upper and lower parameters of both ranks must equal the reference's to 1e-5 in
 float32, for darts, sama (lower Adam), neumann, cg, reverse mode and a three-level chain
 whose path hops twice, under strategy='distributed', 'zero' and (where this PyTorch's FSDP2
-runs on gloo) 'fsdp'.
+runs on gloo) 'fsdp'. MAML with a `TaskBatchedProblem` shards tasks instead of samples: each
+rank adapts its own T/2 of the T tasks, and must end where one process adapting all T ends
+(float64, 1e-10).
 
 The two ranks are real processes launched as torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR=127.0.0.1, MASTER_PORT; gloo on the loopback interface); each launch has a
@@ -43,7 +45,7 @@ from betty.distributed import PeerFailure, Strategy, make_strategy
 from betty.distributed.group import pick_backend
 from betty.distributed.sampling import shard_loader
 from betty.errors import ConfigError
-from betty.problems import ImplicitProblem, IterativeProblem
+from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 from betty.problems.data import BatchSource
 
 WORLD = 2
@@ -187,6 +189,73 @@ def chain3(strategy: str, batch: int) -> Engine:
                   {"u2l": {top: [bottom]}, "l2u": {bottom: [middle], middle: [top]}})
 
 
+# MAML: T tasks per meta-step, each rank adapting its own T/W of them (strided, as
+# DistributedSampler would shard a loader of tasks)
+TASKS, SHOTS, INNER_STEPS, META_STEPS = 4, 5, 2, 3
+TOL_F64 = 1e-10
+
+
+def maml_tasks(meta_step: int) -> tuple[torch.Tensor, ...]:
+    """Meta-step ``meta_step``'s T sinusoid tasks, the same on every rank: support and query
+    sets ``(x_s, y_s, x_q, y_q)``, each ``[T, SHOTS, 1]`` in float64."""
+    gen = torch.Generator().manual_seed(100 + meta_step)
+    x = torch.rand(TASKS, 2 * SHOTS, 1, generator=gen, dtype=torch.float64) * 4 - 2
+    amp, phase = (torch.rand(2, TASKS, 1, 1, generator=gen, dtype=torch.float64) * 2 + 0.5)
+    y = amp * torch.sin(x + phase)
+    return x[:, :SHOTS], y[:, :SHOTS], x[:, SHOTS:], y[:, SHOTS:]
+
+
+class TaskInner(TaskBatchedProblem):
+    def initial_parameters(self) -> torch.nn.Module:
+        return self.meta.module
+
+    def on_inner_loop_start(self) -> None:
+        strategy = self.engine.strategy
+        everything = maml_tasks(self.windows)
+        self.windows += 1
+        self.tasks = tuple(t[strategy.rank::strategy.world_size] for t in everything)
+
+    def get_batch(self) -> Any:
+        return self.tasks[0], self.tasks[1]
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.module(x), y)
+
+
+class TaskMeta(ImplicitProblem):
+    def get_batch(self) -> Any:
+        return self.inner.tasks[2], self.inner.tasks[3]
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        x, y = batch  # [T/W, SHOTS, 1]: the mean over this rank's tasks
+        return F.mse_loss(self.inner(x), y)
+
+
+def maml(strategy: str) -> Engine:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()
+    template = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                                   torch.nn.Linear(8, 1)).double()
+    meta = TaskMeta("meta", Config(first_order=False), net,
+                    torch.optim.Adam(net.parameters(), lr=0.02))
+    inner = TaskInner("inner", Config(unroll_steps=INNER_STEPS), template,
+                      torch.optim.SGD(template.parameters(), lr=0.1, momentum=0.9))
+    inner.windows = 0
+    config = EngineConfig(train_iters=INNER_STEPS * META_STEPS, strategy=strategy,
+                          distributed_timeout=60, progress_bar=False)
+    return Engine([meta, inner], config, {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
+
+
+def maml_results(engine: Engine) -> dict[str, torch.Tensor]:
+    """The meta-parameters, and the last window's adapted parameters of this rank's tasks
+    (one row per task)."""
+    inner = next(p for p in engine.problems if p.name == "inner")
+    adapted = [a.detach().reshape(a.shape[0], -1) for a in inner.adapted_parameters().values()]
+    return {"meta": parameters(engine)["meta"], "adapted": torch.cat(adapted, 1)}
+
+
 def build(method: str, strategy: str, batch: int, **kwargs: Any) -> Engine:
     return chain3(strategy, batch) if method == "chain3" else \
         bilevel(method, strategy, batch, **kwargs)
@@ -223,6 +292,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
             runs.append((f"{strategy}-{method}", functools.partial(_trained, strategy, method)))
     if fsdp_supported()[0]:
         runs.append(("fsdp-refusals", _fsdp_refusals))
+    for strategy in ("distributed", "zero"):
+        runs.append((f"{strategy}-maml", lambda s=strategy: maml_results(_run(maml(s)))))
     for strategy, method in (("distributed", "darts"), ("zero", "sama")):
         runs.append((f"save-{strategy}", functools.partial(_save_half, strategy, method, folder)))
         runs.append((f"resume-{strategy}", functools.partial(_resume, strategy, method, folder)))
@@ -263,6 +334,10 @@ def _fsdp_refusals() -> dict[str, str]:
             bilevel(method, "fsdp", LOCAL_BATCH)
         except ConfigError as err:
             messages[method] = str(err)
+    try:
+        maml("fsdp")
+    except ConfigError as err:
+        messages["task_batched"] = str(err)
     engine = bilevel("darts", "fsdp", LOCAL_BATCH, iters=1)
     try:
         engine.save_checkpoint("never-written.pt")
@@ -416,6 +491,28 @@ def test_two_ranks_equal_one_process_on_union_batch(launched: Path, strategy: st
     assert_close(ranks[0], reference(method), f"{strategy}/{method}")
 
 
+@pytest.mark.parametrize("strategy", ["distributed", "zero"])
+def test_task_batched_maml_sharded_by_task_equals_one_process_on_all_tasks(
+        launched: Path, strategy: str) -> None:
+    """Reference: one process adapting all T tasks (`maml('default')`). Rank r adapts tasks
+    r, r+2, ...: its adapted parameters must be the reference's rows for those tasks (the
+    inner per-task gradients are NOT averaged across ranks), and after 3 meta-steps both
+    ranks' meta-parameters must equal the reference's (the meta-gradient IS averaged, to
+    the mean over all T tasks), in float64 to 1e-10."""
+    ranks = [result(launched, f"{strategy}-maml", r) for r in range(WORLD)]
+    want = maml_results(_run(maml("default")))
+    start = parameters(maml("default"))["meta"]
+    assert (want["meta"] - start).abs().max() > 1e-3, "the meta-parameters did not train"
+    assert torch.equal(ranks[0]["meta"], ranks[1]["meta"]), "ranks disagree on theta"
+    for rank, got in enumerate(ranks):
+        err = (got["meta"] - want["meta"]).abs().max().item()
+        assert err <= TOL_F64, f"{strategy}, rank {rank}: theta differs by {err:.2e}"
+        rows = want["adapted"][rank::WORLD]
+        err = (got["adapted"] - rows).abs().max().item()
+        assert got["adapted"].shape == rows.shape and err <= TOL_F64, \
+            f"{strategy}, rank {rank}: adapted tasks differ from the reference's by {err:.2e}"
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_what_each_rank_stores(launched: Path, strategy: str) -> None:
     """'distributed' replicates parameters and optimizer state; 'zero' splits the state
@@ -436,6 +533,7 @@ def test_fsdp_refuses_what_it_does_not_support(launched: Path) -> None:
     messages = result(launched, "fsdp-refusals")
     assert "IterativeProblem" in messages["reverse"] and "strategy='zero'" in messages["reverse"]
     assert "sama" in messages["sama"]
+    assert "'inner'" in messages["task_batched"] and "strategy='zero'" in messages["task_batched"]
     assert "checkpoints are not supported with strategy='fsdp'" in messages["checkpoint"]
 
 

@@ -210,6 +210,9 @@ class TaskBatchedProblem(IterativeProblem):
             grads = torch.autograd.grad(losses.sum(), w, create_graph=differentiable,
                                         allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(w, grads)]
+        # Several processes: NO all-reduce here (unlike IterativeProblem._grads). Each rank
+        # adapts its own tasks, so row t is one task's gradient on this rank only; the
+        # upper's gradient is averaged over the ranks (docs/distributed.md, "MAML").
         if isinstance(logged, Tensor):
             return list(grads), {"loss": logged.mean(0)}
         means = {k: (v if v.is_floating_point() else v.double()).mean(0)
