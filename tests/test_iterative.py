@@ -106,8 +106,9 @@ UPPER_LR = 0.5
 
 def bilevel(make_opt: Callable[[nn.Module], torch.optim.Optimizer], *, unroll: int,
             windows: int, lower_cls: type = Lower, upper: Config | None = None,
-            lower: Config | None = None, scheduler: Callable | None = None
-            ) -> tuple[Engine, Upper]:
+            lower: Config | None = None, scheduler: Callable | None = None,
+            micro: int = 1) -> tuple[Engine, Upper]:
+    """``micro``: the lower's micro-batches per update (its Config.gradient_accumulation)."""
     net = mlp()
     opt = make_opt(net)
     hyper = Hyper()
@@ -117,8 +118,8 @@ def bilevel(make_opt: Callable[[nn.Module], torch.optim.Optimizer], *, unroll: i
     up.record = []
     low = lower_cls("lower", lower or Config(unroll_steps=unroll), module=net, optimizer=opt,
                     scheduler=scheduler(opt) if scheduler else None,
-                    train_data_loader=batches(1, unroll * windows))
-    engine = Engine([up, low], EngineConfig(train_iters=unroll * windows),
+                    train_data_loader=batches(1, unroll * windows * micro))
+    engine = Engine([up, low], EngineConfig(train_iters=unroll * windows * micro),
                     {"u2l": {up: [low]}, "l2u": {low: [up]}})
     return engine, up
 
@@ -167,16 +168,19 @@ def detach(tree):
 
 
 def reference_unroll(rule, *, unroll: int, windows: int, truncate: int = 0,
-                     lrs: Callable[[int], float] | None = None) -> tuple[list[Tensor], list]:
+                     lrs: Callable[[int], float] | None = None, micro: int = 1,
+                     clip: float = 0.0) -> tuple[list[Tensor], list]:
     """Upper gradients of every window, and the lower weights at the end.
 
     ``truncate=N`` differentiates only the last N updates of each window; ``lrs(t)`` scales
-    the rule's step t (a scheduler)."""
+    the rule's step t (a scheduler); ``micro=M`` makes each update's gradient the sum of M
+    micro-batches' gradients of loss/M; ``clip=c`` scales that gradient by
+    min(1, c / (||g|| + 1e-6)), differentiably."""
     init, update = rule
     w = [p.detach().clone() for p in weights(mlp())]
     state = init(w)
     lam = Hyper().lam.detach().clone()
-    low, up = batches(1, unroll * windows), batches(2, windows)
+    low, up = batches(1, unroll * windows * micro), batches(2, windows)
     grads, t = [], 0
     for window in range(windows):
         lam_ = lam.clone().requires_grad_()
@@ -188,8 +192,15 @@ def reference_unroll(rule, *, unroll: int, windows: int, truncate: int = 0,
             if not live:
                 w = [p.detach().requires_grad_() for p in w]
                 state = detach(state)
-            g = torch.autograd.grad(lower_loss(w, lam_, low[window * unroll + k]), w,
-                                    create_graph=live)
+            first = (window * unroll + k) * micro
+            g = [torch.zeros_like(p) for p in w]
+            for batch in low[first:first + micro]:
+                part = torch.autograd.grad(lower_loss(w, lam_, batch) / micro, w,
+                                           create_graph=live)
+                g = [a + b for a, b in zip(g, part)]
+            if clip > 0:
+                norm = torch.sqrt(sum(gp.square().sum() for gp in g))
+                g = [gp * torch.clamp(clip / (norm + 1e-6), max=1.0) for gp in g]
             if lrs is not None:
                 g = [lrs(t) * gp for gp in g]  # plain SGD: a scaled lr is a scaled gradient
             w, state = update(w, g, state, t)
@@ -230,6 +241,31 @@ def test_truncation_differentiates_only_the_last_updates():
     for got, want, untruncated in zip(up.record, truncated, full):
         assert rel_err(got, [want]) < EXACT
         assert rel_err(got, [untruncated]) > 1e-4  # the test can tell truncation apart
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_accumulation_and_clipping_inside_the_window_are_differentiated(clip):
+    """Config.gradient_accumulation=2 and gradient_clipping on the IterativeProblem: each
+    update uses the summed micro-batch gradients of loss/2, clipped to norm 0.05 (the clip
+    active at every step, and differentiated through), as the hand-written unroll does."""
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    lower = Config(unroll_steps=3, gradient_accumulation=2, gradient_clipping=clip)
+    engine, up = bilevel(make, unroll=3, windows=2, lower=lower, micro=2)
+    clipped = []
+    engine.lower.grad_callback = lambda grads: clipped.append(
+        float(torch.sqrt(sum(g.detach().square().sum() for g in grads))))
+    engine.run()
+    rule = sgd_momentum(0.1, 0.9, 0.01)
+    expected, w_end = reference_unroll(rule, unroll=3, windows=2, micro=2, clip=clip)
+    assert len(up.record) == 2 and len(clipped) == 6
+    for got, want in zip(up.record, expected):
+        assert rel_err(got, [want]) < EXACT
+    assert rel_err(engine.lower.trainable_parameters(), w_end) < EXACT
+    if clip:
+        assert clipped == pytest.approx([clip] * 6, rel=1e-4)  # every step was clipped
+        unclipped, _ = reference_unroll(rule, unroll=3, windows=2, micro=2)
+        assert rel_err(up.record[0], [unclipped[0]]) > 1e-3  # the test can tell
 
 
 def test_scheduler_changes_lr_inside_a_window():
