@@ -554,22 +554,26 @@ class Meta(ImplicitProblem):
         self.record.append([g.clone() for g in grads])
 
 
-def maml(make_opt, *, unroll: int, windows: int) -> tuple[Engine, Meta, Adapt]:
+def maml(make_opt, *, unroll: int, windows: int, adapt_cls: type = Adapt,
+         micro: int = 1, clip: float = 0.0) -> tuple[Engine, Meta, Adapt]:
     meta_net, template = mlp(0), mlp(1)
     meta = Meta("meta", Config(first_order=False), module=meta_net,
                 optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
     meta.record = []
-    adapt = Adapt("adapt", Config(unroll_steps=unroll), module=template,
-                  optimizer=make_opt(template))
+    config = Config(unroll_steps=unroll, gradient_accumulation=micro, gradient_clipping=clip)
+    adapt = adapt_cls("adapt", config, module=template, optimizer=make_opt(template))
     adapt.sampler = iter(task_sets(3, windows))
-    engine = Engine([meta, adapt], EngineConfig(train_iters=unroll * windows),
+    engine = Engine([meta, adapt], EngineConfig(train_iters=unroll * windows * micro),
                     {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
     return engine, meta, adapt
 
 
-def sequential_maml(rule, *, unroll: int, windows: int) -> tuple[list[list[Tensor]], list]:
+def sequential_maml(rule, *, unroll: int, windows: int, micro: int = 1,
+                    clip: float = 0.0) -> tuple[list[list[Tensor]], list]:
     """The reference: per window, each task adapted by its own loop from theta (fresh
-    optimizer state), query losses averaged, theta stepped by SGD."""
+    optimizer state), query losses averaged, theta stepped by SGD. ``micro=2``: each update
+    sums the gradients of loss/2 on the support points 0, 2, 4 and then 1, 3; ``clip=c``:
+    each task's gradient is scaled by min(1, c / (||g|| + 1e-6))."""
     init, update = rule
     theta = [p.detach().clone() for p in weights(mlp(0))]
     grads, adapted = [], []
@@ -579,8 +583,15 @@ def sequential_maml(rule, *, unroll: int, windows: int) -> tuple[list[list[Tenso
         for t in range(TASKS):
             w, state = list(theta), init(theta)
             for k in range(unroll):
-                loss = F.mse_loss(mlp_apply(w, xs[t]), ys[t])
+                if micro == 1:
+                    loss = F.mse_loss(mlp_apply(w, xs[t]), ys[t])
+                else:
+                    loss = sum(F.mse_loss(mlp_apply(w, xs[t][j::micro]), ys[t][j::micro])
+                               for j in range(micro)) / micro
                 g = torch.autograd.grad(loss, w, create_graph=True)
+                if clip > 0:
+                    norm = torch.sqrt(sum(gp.square().sum() for gp in g))
+                    g = [gp * torch.clamp(clip / (norm + 1e-6), max=1.0) for gp in g]
                 w, state = update(w, g, state, k + 1)
             adapted.append(w)
             meta_loss = meta_loss + F.mse_loss(mlp_apply(w, xq[t]), yq[t]) / TASKS
@@ -610,6 +621,47 @@ def test_task_batched_maml_matches_sequential_loops(name):
     assert got["0.weight"].shape == (TASKS, 4, 3)
     assert rel_err(list(got.values()), adapted) < EXACT
     assert not adapt.optimizer.state  # each window starts every task afresh
+
+
+class MicroAdapt(Adapt):
+    """Two micro-batches per update: the support points 0, 2, 4, then 1, 3."""
+
+    def get_batch(self):
+        j = (self.count - 1) % 2
+        return self.tasks[0][:, j::2], self.tasks[1][:, j::2]
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.mse_loss(self.module(x), y)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_task_batched_accumulation_and_per_task_clipping(clip):
+    """gradient_accumulation=2 over two different micro-batches and gradient_clipping by each
+    task's own norm, differentiated through: the sequential per-task loops doing the same."""
+    def make(net):
+        return torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
+    engine, meta, adapt = maml(make, unroll=3, windows=2, adapt_cls=MicroAdapt, micro=2,
+                               clip=clip)
+    norms = []
+    adapt.grad_callback = lambda grads: norms.append(torch.sqrt(sum(
+        g.detach().reshape(TASKS, -1).square().sum(1) for g in grads)))
+    engine.run()
+    rule = sgd_momentum(0.3, 0.5, 0.0)
+    expected, adapted = sequential_maml(rule, unroll=3, windows=2, micro=2, clip=clip)
+    assert len(meta.record) == 2 and len(norms) == 6
+    for got, want in zip(meta.record, expected):
+        assert rel_err(got, want) < EXACT
+    assert rel_err(list(adapt.adapted_parameters().values()), adapted) < EXACT
+    norms = torch.stack(norms)
+    if clip:  # some task-steps clipped (to exactly c), others not: per-task norms
+        assert ((norms - clip).abs() < 1e-5 * clip).sum() >= 3
+        assert (norms < 0.99 * clip).sum() >= 3
+        whole, _ = sequential_maml(rule, unroll=3, windows=2, micro=2)
+        assert rel_err(meta.record[0], whole[0]) > 1e-4  # the test can tell
+    else:
+        one, _ = sequential_maml(rule, unroll=3, windows=2)  # the whole support at once
+        assert rel_err(meta.record[0], one[0]) > 1e-4  # the two halves are not the mean
 
 
 class OneTask(IterativeProblem):
