@@ -375,6 +375,92 @@ def test_buffers_and_optimizer_state_match_plain_torch(reverse):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
 
 
+# -- 3b. dropout: reverse mode differentiates through the masks the forward drew -------------
+DROP = 0.3
+
+
+def dropout_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(DROP), nn.Linear(8, 1)).to(DT)
+
+
+def dropout_apply(w: list[Tensor], x: Tensor) -> Tensor:
+    return F.dropout(torch.tanh(x @ w[0].T + w[1]), DROP, training=True) @ w[2].T + w[3]
+
+
+def dropout_weights(module: nn.Module) -> list[Tensor]:
+    return [module[0].weight, module[0].bias, module[3].weight, module[3].bias]
+
+
+def dropout_lower_loss(w: list[Tensor], lam: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    penalty = lam[0].exp() * w[0].square().sum() + lam[1].exp() * w[2].square().sum()
+    return F.mse_loss(dropout_apply(w, x), y) + 0.5 * penalty
+
+
+class DropoutLower(IterativeProblem):
+    def training_step(self, batch):
+        x, y = batch
+        lam = self.upper.module.lam
+        penalty = (lam[0].exp() * self.module[0].weight.square().sum()
+                   + lam[1].exp() * self.module[3].weight.square().sum())
+        return F.mse_loss(self.module(x), y) + 0.5 * penalty
+
+
+class DropoutUpper(Upper):
+    def training_step(self, batch):
+        x, y = batch  # the lower's module in train mode: dropout here too
+        return F.mse_loss(self.lower(x), y) + 1e-2 * self.module.lam.square().sum()
+
+
+def test_dropout_masks_are_the_ones_differentiated():
+    """nn.Dropout in the lower's module: the library draws exactly the masks of a
+    hand-written unroll using F.dropout in the same order from the same seed (one draw per
+    local step, one in the upper's loss), and the reverse-mode hypergradient is the
+    derivative with those masks, to 1e-10."""
+    unroll, windows = 3, 2
+    net, hyper = dropout_net(), Hyper()
+    up = DropoutUpper("upper", Config(first_order=False), module=hyper,
+                      optimizer=torch.optim.SGD(hyper.parameters(), lr=UPPER_LR),
+                      train_data_loader=batches(2, windows))
+    up.record = []
+    low = DropoutLower("lower", Config(unroll_steps=unroll), module=net,
+                       optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                       train_data_loader=batches(1, unroll * windows))
+    engine = Engine([up, low], EngineConfig(train_iters=unroll * windows),
+                    {"u2l": {up: [low]}, "l2u": {low: [up]}})
+    torch.manual_seed(123)
+    engine.run()
+
+    def hand(seed: int) -> tuple[list[Tensor], list[Tensor]]:
+        init, update = sgd_momentum(0.1, 0.9, 0.0)
+        w = [p.detach().clone() for p in dropout_weights(dropout_net())]
+        state, lam = init(w), Hyper().lam.detach().clone()
+        lows, ups = batches(1, unroll * windows), batches(2, windows)
+        torch.manual_seed(seed)
+        grads, t = [], 0
+        for window in range(windows):
+            lam_ = lam.clone().requires_grad_()
+            w, state = [p.detach().requires_grad_() for p in w], detach(state)
+            for k in range(unroll):
+                t += 1
+                loss = dropout_lower_loss(w, lam_, lows[window * unroll + k])
+                g = torch.autograd.grad(loss, w, create_graph=True)
+                w, state = update(w, g, state, t)
+            x, y = ups[window]
+            upper = F.mse_loss(dropout_apply(w, x), y) + 1e-2 * lam_.square().sum()
+            grads.append(torch.autograd.grad(upper, lam_)[0])
+            lam = lam - UPPER_LR * grads[-1]
+        return grads, w
+
+    expected, w_end = hand(123)
+    for got, want in zip(up.record, expected):
+        assert rel_err(got, [want]) < EXACT
+    assert rel_err(dropout_weights(net), w_end) < EXACT
+    other, _ = hand(124)  # other masks, another hypergradient: the test can tell
+    assert rel_err(up.record[0], [other[0]]) > 1e-3
+
+
 # -- 4. graph hygiene: each window's graph is cut when the next one starts ---------------------
 class Vector(nn.Module):
     def __init__(self, size: int, value: float) -> None:
@@ -839,6 +925,39 @@ def test_adapt_evaluates_new_tasks_and_keeps_buffers_per_task():
         plain.eval()
         assert torch.allclose(out[t], plain(xq[t]), rtol=1e-12, atol=1e-14)  # running stats
     assert int(net[1].num_batches_tracked) == 0  # the module's own buffers are untouched
+
+
+def test_task_batched_dropout_draws_different_masks_per_task_reproducibly():
+    """nn.Dropout inside the vmapped window (vmap randomness='different'): T copies of the
+    SAME task adapt differently (each task draws its own masks), and the same seed gives
+    the same meta-gradient and adapted parameters bit for bit."""
+    def run(seed: int) -> tuple[list[Tensor], list[Tensor]]:
+        torch.manual_seed(0)
+        meta_net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5),
+                                 nn.Linear(8, 1)).to(DT)
+        template = copy.deepcopy(meta_net)
+        meta = Meta("meta", Config(first_order=False), module=meta_net,
+                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+        meta.record = []
+        adapt = Adapt("adapt", Config(unroll_steps=2), module=template,
+                      optimizer=torch.optim.SGD(template.parameters(), lr=0.3))
+        one = task_sets(3, 1)[0]
+        adapt.sampler = iter([tuple(t[:1].expand_as(t).clone() for t in one)])  # T x task 0
+        engine = Engine([meta, adapt], EngineConfig(train_iters=2),
+                        {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}})
+        torch.manual_seed(seed)
+        engine.run()
+        return meta.record[0], [a.detach() for a in adapt.adapted_parameters().values()]
+
+    grads, adapted = run(7)
+    first = adapted[0]  # [T, 8, 3]
+    for t in range(1, TASKS):
+        assert (first[t] - first[0]).abs().max() > 1e-6, "tasks drew the same masks"
+    again_grads, again_adapted = run(7)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again_grads))
+    assert all(torch.equal(a, b) for a, b in zip(adapted, again_adapted))
+    other_grads, _ = run(8)
+    assert not all(torch.equal(a, b) for a, b in zip(grads, other_grads))
 
 
 class ScaledAdapt(TaskBatchedProblem):
