@@ -960,6 +960,31 @@ def test_task_batched_dropout_draws_different_masks_per_task_reproducibly():
     assert not all(torch.equal(a, b) for a, b in zip(grads, other_grads))
 
 
+def test_task_batched_bf16_meta_gradient_is_close_to_fp32():
+    """precision='bf16' on both levels of a task-batched MAML program (float32 modules):
+    autocast reaches the vmapped forward (its matmuls run in bfloat16: the meta-gradient
+    moves by far more than float32 round-off) and the meta-gradient of the second
+    meta-step lies within 5% of the fp32 one (1.6% measured)."""
+    def run(precision: str) -> Tensor:
+        torch.manual_seed(0)
+        meta_net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+        template = copy.deepcopy(meta_net)
+        meta = Meta("meta", Config(first_order=False, precision=precision), module=meta_net,
+                    optimizer=torch.optim.SGD(meta_net.parameters(), lr=META_LR))
+        meta.record = []
+        adapt = Adapt("adapt", Config(unroll_steps=3, precision=precision), module=template,
+                      optimizer=torch.optim.SGD(template.parameters(), lr=0.3))
+        adapt.sampler = iter([tuple(t.float() for t in s) for s in task_sets(3, 2)])
+        Engine([meta, adapt], EngineConfig(train_iters=6),
+               {"u2l": {meta: [adapt]}, "l2u": {adapt: [meta]}}).run()
+        assert all(g.dtype == torch.float32 for g in meta.record[1])
+        assert {p.dtype for p in template.parameters()} == {torch.float32}
+        return torch.cat([g.reshape(-1) for g in meta.record[1]])
+
+    exact, half = run("fp32"), run("bf16")
+    assert 1e-3 < rel_err([half], [exact]) < 0.05
+
+
 class ScaledAdapt(TaskBatchedProblem):
     def get_batch(self):
         return self.batch
