@@ -167,6 +167,12 @@ def detach(tree):
     return tree
 
 
+def clipped(g: list[Tensor], clip: float) -> list[Tensor]:
+    """Global-norm clipping written out: g * min(1, c / (||g|| + 1e-6)), differentiable."""
+    norm = torch.sqrt(sum(gp.square().sum() for gp in g))
+    return [gp * torch.clamp(clip / (norm + 1e-6), max=1.0) for gp in g]
+
+
 def reference_unroll(rule, *, unroll: int, windows: int, truncate: int = 0,
                      lrs: Callable[[int], float] | None = None, micro: int = 1,
                      clip: float = 0.0) -> tuple[list[Tensor], list]:
@@ -199,8 +205,7 @@ def reference_unroll(rule, *, unroll: int, windows: int, truncate: int = 0,
                                            create_graph=live)
                 g = [a + b for a, b in zip(g, part)]
             if clip > 0:
-                norm = torch.sqrt(sum(gp.square().sum() for gp in g))
-                g = [gp * torch.clamp(clip / (norm + 1e-6), max=1.0) for gp in g]
+                g = clipped(g, clip)
             if lrs is not None:
                 g = [lrs(t) * gp for gp in g]  # plain SGD: a scaled lr is a scaled gradient
             w, state = update(w, g, state, t)
@@ -676,8 +681,7 @@ def sequential_maml(rule, *, unroll: int, windows: int, micro: int = 1,
                                for j in range(micro)) / micro
                 g = torch.autograd.grad(loss, w, create_graph=True)
                 if clip > 0:
-                    norm = torch.sqrt(sum(gp.square().sum() for gp in g))
-                    g = [gp * torch.clamp(clip / (norm + 1e-6), max=1.0) for gp in g]
+                    g = clipped(g, clip)
                 w, state = update(w, g, state, k + 1)
             adapted.append(w)
             meta_loss = meta_loss + F.mse_loss(mlp_apply(w, xq[t]), yq[t]) / TASKS
