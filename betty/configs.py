@@ -7,11 +7,10 @@ Both are dataclasses that check their fields when built, so a typo such as
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from betty.errors import ConfigError
 
-HYPERGRADIENT_TYPES = ("darts", "neumann", "cg", "sama")
 PRECISIONS = ("fp32", "fp16", "bf16")
 LOGGER_TYPES = ("none", "tensorboard", "wandb", "console", "csv")
 STRATEGIES = ("default", "cpu", "gpu", "distributed", "zero", "fsdp")
@@ -36,6 +35,20 @@ def _positive(owner: str, field: str, value: object, *, allow_zero: bool = False
 def _integer(owner: str, field: str, value: object, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{owner}.{field}={value!r} must be an integer >= {minimum}")
+
+
+def _check_method(value: object) -> None:
+    """``Config.type`` is a name in `betty.hypergradient.METHODS` (built-in or added with
+    `betty.hypergradient.register`) or a method function itself."""
+    from betty.hypergradient import METHODS  # lazy: betty.hypergradient imports Config
+
+    if callable(value):
+        return
+    if not isinstance(value, str) or value not in METHODS:
+        raise ConfigError(
+            f"Config.type={value!r} is not a hypergradient method; choose one of: "
+            f"{', '.join(METHODS)} (or add one with betty.hypergradient.register(name, fn))"
+        )
 
 
 @dataclass
@@ -78,7 +91,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that holds an unusable value."""
-        _choice("Config", "type", self.type, HYPERGRADIENT_TYPES, "a hypergradient method")
+        _check_method(self.type)
         _choice("Config", "precision", self.precision, PRECISIONS, "a supported precision")
         _integer("Config", "unroll_steps", self.unroll_steps, minimum=1)
         _integer("Config", "gradient_accumulation", self.gradient_accumulation, minimum=1)
@@ -165,8 +178,3 @@ class EngineConfig:
                 f"EngineConfig.{needs_dir[0]} needs a folder of checkpoints; set "
                 "EngineConfig.checkpoint_dir (e.g. checkpoint_dir='checkpoints')"
             )
-
-
-def field_names(config_type: type) -> list[str]:
-    """Names of a config dataclass's fields, in declaration order."""
-    return [f.name for f in fields(config_type)]

@@ -26,7 +26,13 @@ METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sam
 
 
 def register(name: str, method: Method) -> None:
-    """Make ``Config(type=name)`` use ``method``."""
+    """Make ``Config(type=name)`` use ``method``, a function ``(hop, v, config) -> vector``
+    (see `darts` for the shape of one). A method may also be passed directly as
+    ``Config(type=method)``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register: name must be a non-empty str, got {name!r}")
+    if not callable(method):
+        raise TypeError(f"register: method for {name!r} must be callable, got {method!r}")
     METHODS[name] = method
 
 

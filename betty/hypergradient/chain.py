@@ -33,13 +33,10 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
                 report: Callable[[str, Tensor], None] | None = None) -> OptionalVector:
     """Contribution of ``v`` (w.r.t. ``lower``'s parameters) to ``upper``'s parameters;
     the method reports its diagnostics to ``report`` (None: diagnostics off)."""
-    if hasattr(lower, "reverse_hop"):
-        custom = lower.reverse_hop(upper, v)  # reverse mode through an unrolled window
-        if custom is not NotImplemented:
-            return custom
     from betty.problems.precision import full_precision  # lazy: betty.problems imports us
 
-    method = METHODS[lower.config.type]
+    kind = lower.config.type
+    method = kind if callable(kind) else METHODS[kind]
     strategy = strategy_of(lower)
     hop = Hop(lower._trainable(), upper._trainable(),
               lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices(),
