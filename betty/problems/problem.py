@@ -124,6 +124,21 @@ class Problem(ProblemHooks):
     def engine(self) -> Engine | None:
         return self._engine
 
+    @property
+    def device(self) -> torch.device:
+        """The device this problem trains on (set by the engine before training)."""
+        return self._device
+
+    @property
+    def env(self) -> Any:
+        """The engine's ``env`` (the original's `betty.envs.Env`), None without one."""
+        return None if self._engine is None else self._engine.env
+
+    @property
+    def _global_step(self) -> int:
+        """The engine's global step (the original's programs read ``self._global_step``)."""
+        return 0 if self._engine is None else self._engine.global_step
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r})"
 
