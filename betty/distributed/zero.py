@@ -82,11 +82,17 @@ class Zero(DataParallel):
 
 
 def shard_optimizer(optimizer: torch.optim.Optimizer) -> ZeroRedundancyOptimizer:
-    """A ZeroRedundancyOptimizer of ``optimizer``'s class, defaults and param groups (each
-    group's own hyperparameters kept), holding its state if it has any."""
+    """A ZeroRedundancyOptimizer of ``optimizer``'s class and param groups (each group's own
+    hyperparameters kept), holding its state if it has any.
+
+    Nothing is passed to the class's constructor from ``optimizer.defaults``: that dict may
+    hold entries the constructor rejects (AdamW's ``decoupled_weight_decay`` under recent
+    PyTorch). Every hyperparameter travels in the param groups instead, and ``defaults`` is
+    copied over afterwards (it only seeds groups added later)."""
     groups = [dict(group) for group in optimizer.param_groups]
-    sharded = ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer),
-                                      **optimizer.defaults)
+    sharded = ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer))
+    sharded.defaults = dict(optimizer.defaults)
+    sharded.optim.defaults = dict(optimizer.defaults)
     if optimizer.state:
         sharded.load_state_dict(optimizer.state_dict())
     return sharded

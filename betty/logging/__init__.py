@@ -2,8 +2,8 @@
 
 `make_logger` builds the `RunLogger` behind ``EngineConfig.logger_type``; the optional
 packages (tensorboard, wandb, tqdm) are imported only when used. Everything is also written
-to Python's ``logging`` under the ``betty`` logger name (INFO level), so users can configure
-it like any other logger.
+to Python's ``logging`` under the ``betty`` logger name (INFO level), printed to standard
+output by default as the original Betty does; users configure it like any other logger.
 """
 
 from betty.logging.base import (

@@ -6,14 +6,20 @@ One line per record (a problem, or ``validation``, at one step), aligned in colu
     step     120 | outer      | loss=0.25        lr=0.001
     local     12 | meta       | loss=1.5                       (Config.log_local_step)
 
-Users configure it like any logger, e.g. ``logging.getLogger("betty").setLevel("INFO")``.
-Nothing is formatted (and no tensor is read) unless that logger is enabled for INFO.
+As in the original Betty, these lines are on by default: the first engine gives the ``betty``
+logger the INFO level and a handler printing to standard output in the original's format
+(``[2024-01-31 12:00:00] [INFO] step 120 | inner | loss=...``), unless logging was configured
+already (a handler on ``betty`` or the root logger, or a level set on ``betty``). Users
+configure it like any logger, e.g. ``logging.getLogger("betty").setLevel("WARNING")`` for
+silence. Nothing is formatted (and no tensor is read) unless that logger is enabled for INFO.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Sequence
+from typing import IO, Any
 
 from betty.logging.base import Record, format_value
 
@@ -21,20 +27,38 @@ log = logging.getLogger("betty")
 
 VALUE_WIDTH = 11  # fits "%.6g" of most floats, e.g. -1.23457e-05
 _HANDLER_MARK = "_betty_console"
+LINE_FORMAT = "[%(asctime)s] [%(levelname)s] %(message)s"  # the original Betty's
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stdout`` is when a line is emitted (so
+    ``contextlib.redirect_stdout``, notebooks and test capture see the lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it
+        pass
 
 
 def ensure_console_output() -> None:
     """Make INFO lines of the ``betty`` logger visible, unless the user configured logging.
 
-    Adds a stderr handler only when no handler would receive the lines (no handler on
-    ``betty`` or an ancestor, e.g. none from ``logging.basicConfig``), and lowers the level to
-    INFO only when the ``betty`` logger has no level of its own.
+    Adds a standard-output handler only when no handler would receive the lines (no handler
+    on ``betty`` or an ancestor, e.g. none from ``logging.basicConfig``), and lowers the level
+    to INFO only when the ``betty`` logger has no level of its own.
     """
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
     if not log.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        handler = StdoutHandler()
+        handler.setFormatter(logging.Formatter(LINE_FORMAT, DATE_FORMAT))
         setattr(handler, _HANDLER_MARK, True)
         log.addHandler(handler)
 

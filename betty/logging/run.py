@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from betty.errors import ConfigError
@@ -113,26 +115,45 @@ def check_available(logger_type: str) -> None:
             )
 
 
+def is_rank_zero() -> bool:
+    """Whether this process prints (only rank 0 of a process group does, as in the original)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def tensorboard_folder(log_dir: str | None, run_name: str | None) -> str:
+    """``<log_dir>/<run_name or a time stamp>``; without ``log_dir`` the original Betty's
+    ``betty_tensorboard/<Mon DD_HH-MM-SS>_<host name>`` (``run_name`` replaces the last part)."""
+    if log_dir is not None:
+        return os.path.join(log_dir, run_name or default_run_name())
+    stamp = f"{datetime.now().strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+    return os.path.join("betty_tensorboard", run_name or stamp)
+
+
 def make_logger(logger_type: str = "none", *, log_dir: str | None = None,
                 run_name: str | None = None, names: Iterable[str] = (),
                 config: dict[str, Any] | None = None,
                 clock: Callable[[], int] | None = None) -> RunLogger:
     """The `RunLogger` for ``EngineConfig.logger_type``.
 
-    Every type writes console lines when the ``betty`` logger is enabled for INFO;
-    ``"console"`` also turns that on. ``"tensorboard"`` and ``"csv"`` write under
+    Every type writes console lines, as the original Betty does: `ensure_console_output`
+    turns them on unless the user configured logging (only rank 0 of a process group
+    prints). ``"tensorboard"`` writes under `tensorboard_folder`; ``"csv"`` under
     ``<log_dir or "runs">/<run_name or a time stamp>``; ``"wandb"`` passes ``run_name`` and
-    ``log_dir`` to ``wandb.init``. ``"none"`` writes nothing else.
+    ``log_dir`` to ``wandb.init``. ``"none"`` and ``"console"`` write nothing else.
     """
     check_available(logger_type)
-    if logger_type == "console":
+    main = is_rank_zero()
+    if main:
         ensure_console_output()
     folder = os.path.join(log_dir or "runs", run_name or default_run_name())
     factories: list[Factory] = []
     if logger_type == "tensorboard":
         from betty.logging.tensorboard import TensorBoardLogger
 
-        factories.append(lambda: TensorBoardLogger(folder))
+        board = tensorboard_folder(log_dir, run_name)
+        factories.append(lambda: TensorBoardLogger(board))
     elif logger_type == "csv":
         from betty.logging.csv import CSVLogger
 
@@ -141,4 +162,4 @@ def make_logger(logger_type: str = "none", *, log_dir: str | None = None,
         from betty.logging.wandb import WandbLogger
 
         factories.append(lambda: WandbLogger(run_name=run_name, log_dir=log_dir, config=config))
-    return RunLogger(factories, console=ConsoleLogger(names), clock=clock)
+    return RunLogger(factories, console=ConsoleLogger(names) if main else None, clock=clock)

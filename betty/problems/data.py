@@ -29,6 +29,12 @@ class BatchSource:
     ``epochs[i]`` counts restarts of loader ``i``. ``positions[i]`` counts batches drawn in the
     current epoch. Right before each ``iter(loader)`` the random state its shuffling draws from
     is recorded, so `load_state_dict` can rebuild an iterator mid-epoch exactly (checkpoints).
+
+    Every loader's first iterator is created here, in the constructor, as the original Betty
+    does at start-up: `Problem.initialize` builds this in the engine's problem order, so
+    ``iter(loader)`` draws from torch's random state in the same order as the original and a
+    seeded program gets the same batches (creating it at the first batch would interleave
+    those draws with module set-up and the other problems' batches).
     """
 
     def __init__(self, owner: str, loaders: Iterable[Any] | tuple[Iterable[Any], ...],
@@ -48,6 +54,9 @@ class BatchSource:
         self.epochs = [0] * len(self.loaders)
         self.positions = [0] * len(self.loaders)
         self.start_rng: list[dict[str, Any] | None] = [None] * len(self.loaders)
+        for index, loader in enumerate(self.loaders):
+            if not (type(loader) is list or type(loader) is tuple):  # those never draw
+                self._start(index)
 
     def _check_loader(self, index: int, loader: Any) -> None:
         where = f"problem '{self.owner}': train_data_loader" + ("" if self.single else f"[{index}]")
