@@ -1,0 +1,101 @@
+"""Nyström: a rank-k approximation of H from k of its columns, inverted by Woodbury.
+
+    H_k = C W^+ C^T,   C = H[:, S] (n x k),   W = H[S, S] (k x k),
+    x   = (H_k + rho I)^-1 v,   hop(v) = -M x.
+
+Hataya & Yamada, "Nyström Method for Accurate and Scalable Implicit Differentiation", AISTATS
+2023, Section 3. ``S`` holds k = ``nystrom_rank`` coordinates of the flattened lower parameters
+(all of them when k >= n, so that H_k = H); each column is one Hessian-vector product with a
+one-hot vector. Cost: k Hessian-vector products + one mixed product, no iterations; memory:
+k parameter-sized columns.
+
+Woodbury, written to stay accurate for a W that is singular or indefinite and for a small
+rho: with C = Q R (thin QR, Q orthonormal n x k) and W^+ the pseudo-inverse (eigenvalues of W
+below PSEUDO_INVERSE_TOL of the largest dropped), H_k = Q T Q^T with T = R W^+ R^T, so
+
+    (H_k + rho I)^-1 v = Q (T + rho I)^-1 Q^T v + (v - Q Q^T v) / rho,
+
+a k x k solve in float64 plus the part of v outside the columns' range, divided by rho (that
+part is absent when k >= n). Algebraically this is the paper's ``v/rho - C (W + C^T C /
+rho)^-1 C^T v / rho^2``, which loses digits in proportion to 1/rho (the difference of two
+terms of size |v|/rho) and needs W invertible. Memory: C and Q in float64 (2 n k numbers).
+
+Which coordinates: a private `torch.Generator` draws them, so the user's random stream is
+never advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at
+every step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU random
+state as it stands when the hop runs, so the coordinates change from step to step as the
+user's stream moves (as the paper's fresh ``randperm``), and a run is reproducible from
+``torch.manual_seed``. Several processes must draw the same coordinates: either every rank
+seeds torch alike, or set ``nystrom_seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from betty.configs import Config
+from betty.hypergradient.hop import Hop, OptionalVector
+from betty.linalg import unit
+
+PSEUDO_INVERSE_TOL = 1e-12
+"""Eigenvalues of W below this fraction of the largest (in magnitude) count as zero."""
+
+
+def sample_coordinates(n: int, rank: int, seed: int | None) -> Tensor:
+    """The ``min(rank, n)`` distinct flat coordinates whose Hessian columns Nyström uses
+    (CPU int64); ``seed=None`` seeds from the CPU random state, which is read, not advanced."""
+    if seed is None:
+        state = torch.get_rng_state().numpy().tobytes()
+        seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[: min(rank, n)]
+
+
+def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
+    """The flat unit vector ``e_index`` in the shapes of ``like``."""
+    out = [torch.zeros_like(t) for t in like]
+    for t in out:
+        if index < t.numel():
+            t.view(-1)[index] = 1.0
+            break
+        index -= t.numel()
+    return out
+
+
+def woodbury_solve(columns: Tensor, block: Tensor, v: Tensor, rho: float) -> Tensor:
+    """``(C W^+ C^T + rho I)^-1 v`` for ``C = columns`` (n x k), ``W = block`` (k x k,
+    symmetrised), in float64, returned in the dtype of ``v`` (module docstring)."""
+    w64 = block.to(torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (w64 + w64.T))
+    keep = eigenvalues.abs() > PSEUDO_INVERSE_TOL * eigenvalues.abs().max()
+    basis, triangle = torch.linalg.qr(columns.to(torch.float64))  # C = Q R
+    half = triangle @ vectors[:, keep]  # T = R W^+ R^T = half diag(1/l) half^T
+    inner = (half / eigenvalues[keep]) @ half.T
+    v64 = v.to(torch.float64)
+    coefficients = basis.T @ v64
+    x = basis @ torch.linalg.solve(inner + rho * torch.eye(inner.shape[0], dtype=inner.dtype),
+                                   coefficients)
+    if basis.shape[1] < basis.shape[0]:  # the part of v outside range(C): (I - Q Q^T) v / rho
+        x = x + (v64 - basis @ coefficients) / rho
+    return x.to(v.dtype)
+
+
+def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
+    """Nyström hop: ``-M (H_k + rho I)^-1 v`` with ``k = nystrom_rank``, ``rho =
+    nystrom_rho``."""
+    direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
+    n = sum(t.numel() for t in direction)
+    coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
+    columns = torch.stack([torch.cat([c.reshape(-1) for c in hop.hvp(_one_hot(direction, i))])
+                           for i in coordinates], dim=1)
+    block = columns[torch.tensor(coordinates, device=columns.device)]
+    flat_v = torch.cat([t.reshape(-1) for t in direction])
+    flat_x = woodbury_solve(columns, block, flat_v, config.nystrom_rho)
+    del columns
+    x = [part.view_as(t) for part, t in zip(torch.split(flat_x, [t.numel() for t in direction]),
+                                             direction)]
+    return [None if m is None else m * -scale.to(m.dtype) for m in hop.mixed(x)]
