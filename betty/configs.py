@@ -80,6 +80,9 @@ class Config:
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
     cg_alpha: float = 1.0
+    nystrom_rank: int = 5  # ours: Hessian columns of the Nystrom approximation
+    nystrom_rho: float = 0.01  # ours: damping, Nystrom solves (H_k + rho I) x = v
+    nystrom_seed: int | None = None  # ours: fixed coordinates; None: from the torch RNG
     truncation_steps: int = 0  # ours: reverse mode back-propagates the last N updates only
     first_order_updates: bool = False  # ours, TaskBatchedProblem: first-order MAML
     fp16: bool = False  # the original's earlier spelling of precision="fp16"
@@ -98,13 +101,16 @@ class Config:
         _integer("Config", "warmup_steps", self.warmup_steps, minimum=0)
         _integer("Config", "neumann_iterations", self.neumann_iterations, minimum=0)
         _integer("Config", "cg_iterations", self.cg_iterations, minimum=1)
+        _integer("Config", "nystrom_rank", self.nystrom_rank, minimum=1)
+        if self.nystrom_seed is not None:
+            _integer("Config", "nystrom_seed", self.nystrom_seed, minimum=0)
         _integer("Config", "truncation_steps", self.truncation_steps, minimum=0)
         if not isinstance(self.log_step, int) or self.log_step == 0 or self.log_step < -1:
             raise ConfigError(
                 f"Config.log_step={self.log_step!r} must be a positive integer, or -1 for never"
             )
         _positive("Config", "gradient_clipping", self.gradient_clipping, allow_zero=True)
-        for name in ("darts_alpha", "sama_adam_alpha", "neumann_alpha", "cg_alpha",
+        for name in ("darts_alpha", "sama_adam_alpha", "neumann_alpha", "cg_alpha", "nystrom_rho",
                      "initial_dynamic_scale", "scale_factor"):
             _positive("Config", name, getattr(self, name))
 

@@ -18,11 +18,14 @@ from betty.hypergradient.cg import cg
 from betty.hypergradient.darts import darts
 from betty.hypergradient.hop import Hop, OptionalVector
 from betty.hypergradient.neumann import neumann
+from betty.hypergradient.nystrom import nystrom
+from betty.hypergradient.reinforce import reinforce, score_function_loss
 from betty.hypergradient.sama import sama
 
 Method = Callable[[Hop, Sequence[Tensor], Config], OptionalVector]
 
-METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sama": sama}
+METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sama": sama,
+                              "nystrom": nystrom, "reinforce": reinforce}
 
 
 def register(name: str, method: Method) -> None:
@@ -36,4 +39,5 @@ def register(name: str, method: Method) -> None:
     METHODS[name] = method
 
 
-__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "register", "sama"]
+__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "nystrom", "register",
+           "reinforce", "sama", "score_function_loss"]
