@@ -1,0 +1,212 @@
+"""The original Betty's programs, unchanged in their betty calls, run against betty.
+
+Each file under tests/original_programs/ is one of the original's tutorials or examples
+written again with exactly its imports, classes, hooks, config fields and Engine use (see
+that folder's README.md for what each stands for and what cannot run). The harness here does
+not edit them: it runs each as ``__main__`` (``runpy``) in a temporary folder with its own
+command line, puts the stand-ins of what the original downloads in ``sys.modules``
+(``torchvision``; the programs' own ``data``/``model`` modules sit next to them), shortens
+training by capping ``EngineConfig.train_iters`` (and ``valid_step``) at construction, and
+reads the program's globals afterwards to check numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import runpy
+import shutil
+import socket
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import betty.configs
+from betty.problems import IterativeProblem, Problem
+
+HERE = Path(__file__).parent / "original_programs"
+sys.path.insert(0, str(HERE))
+import standins  # noqa: E402  (tests/original_programs/standins.py)
+
+sys.path.remove(str(HERE))
+REAL_POST_INIT = betty.configs.EngineConfig.__post_init__
+
+
+# The original's programs pass ``device=...`` to every Problem; betty's Problem must take it.
+takes_device = pytest.mark.xfail(
+    "device" not in inspect.signature(Problem.__init__).parameters, raises=TypeError,
+    strict=True, reason="Problem(..., device=...) (the original's argument) is not accepted")
+
+
+@pytest.fixture
+def fresh_logging(monkeypatch):
+    """Logging as in a fresh interpreter: no handler anywhere, no level on ``betty``."""
+    logger = logging.getLogger("betty")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    logger.manager._clear_cache()
+    yield
+    logger.manager._clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path):
+    """``run(program, *argv, iters=N, valid=M)``: the program's globals after it ran."""
+
+    def go(program: str, *argv: str, iters: int, valid: int | None = None,
+           seed: int = 0) -> dict[str, Any]:
+        path = HERE / program
+        def capped(config: Any) -> None:  # the harness's only hold on the program
+            config.train_iters = min(config.train_iters, iters)
+            if valid is not None:
+                config.valid_step = min(config.valid_step, valid)
+            config.progress_bar = False
+            REAL_POST_INIT(config)
+
+        monkeypatch.setattr(betty.configs.EngineConfig, "__post_init__", capped)
+        for name, module in standins.torchvision_modules().items():
+            monkeypatch.setitem(sys.modules, name, module)
+        if not torch.cuda.is_available():  # the iMAML program calls .cuda() on its batches
+            monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        monkeypatch.setattr(sys, "argv", [str(path), *argv])
+        monkeypatch.syspath_prepend(str(path.parent))
+        monkeypatch.chdir(tmp_path)
+        before = set(sys.modules)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return runpy.run_path(str(path), run_name="__main__")
+        finally:  # the programs' own modules (model, data, utils) differ per program
+            for name in set(sys.modules) - before:
+                if str(HERE) in str(getattr(sys.modules[name], "__file__", "") or ""):
+                    del sys.modules[name]
+
+    return go
+
+
+def flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+# -- logistic-regression HPO --------------------------------------------------------------
+def hpo_reference(g: dict[str, Any], reverse: bool) -> torch.Tensor:
+    """d L_val / d lambda at lambda = 1 after 100 SGD steps (lr 0.1) from w = 0, by plain
+    autograd through the steps (reverse) or by the implicit function theorem at w_100."""
+    lam = torch.ones(g["DATA_DIM"], dtype=torch.float64, requires_grad=True)
+    xt, yt = g["x_train"].double(), g["y_train"].double()
+    xv, yv = g["x_val"].double(), g["y_val"].double()
+
+    def train_loss(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(xt @ w, yt) + 0.5 * (lam * w * w).sum()
+
+    w = torch.zeros(g["DATA_DIM"], dtype=torch.float64, requires_grad=True)
+    for _ in range(100):
+        (grad,) = torch.autograd.grad(train_loss(w, lam), w, create_graph=reverse)
+        w = w - 0.1 * grad
+    val = F.binary_cross_entropy_with_logits(xv @ w, yv)
+    if reverse:
+        return torch.autograd.grad(val, lam)[0]
+    w = w.detach().requires_grad_()
+    (v,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(xv @ w, yv), w)
+    hessian = torch.autograd.functional.hessian(lambda w: train_loss(w, lam.detach()), w)
+    (dw,) = torch.autograd.grad(train_loss(w, lam), w, create_graph=True)
+    mixed = torch.stack([torch.autograd.grad(dw[i], lam, retain_graph=True)[0]
+                         for i in range(len(dw))])  # d^2 L / dw_i dlam_j
+    return -mixed.T @ torch.linalg.solve(hessian, v)
+
+
+@pytest.mark.slow
+def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, fresh_logging,
+                                                                      capsys):
+    with pytest.warns(DeprecationWarning, match="HigherIterativeProblem .* IterativeProblem"):
+        g = run("logistic_regression_hpo/logistic_regression.py", iters=100)
+    engine = g["engine"]
+    assert isinstance(engine.inner, IterativeProblem)
+    assert (engine.inner.count, engine.outer.count) == (100, 1)
+    assert Path("data.t7").exists()  # the program's own side effect, in the run's folder
+    # after one outer step SGD's momentum buffer holds exactly that step's gradient
+    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"]
+    want = hpo_reference(g, reverse=True)
+    assert torch.allclose(hypergradient.double(), want, rtol=1e-3, atol=1e-6)
+    assert torch.equal(engine.outer.module.w.detach(),
+                       (1 - hypergradient).clamp(min=1e-8))  # lr 1, then param_callback
+    # Config(log_step=1) on the outer: one console line by default, the original's format
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| outer" in line]
+    assert len(lines) == 1, lines
+    stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] "
+    loss = float(re.match(stamp + r"step +100 \| outer +\| loss=(\S+)", lines[0]).group(1))
+    want = F.binary_cross_entropy_with_logits(g["x_val"] @ engine.inner.module.w.detach(),
+                                              g["y_val"])  # at the w it differentiated
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+@takes_device
+def test_logistic_regression_implicit_cg(run):
+    g = run("logistic_regression_hpo/logistic_regression_implicit.py", iters=100)
+    engine = g["engine"]
+    assert (engine.inner.count, engine.outer.count) == (100, 1)
+    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"]
+    want = hpo_reference(g, reverse=False)
+    cosine = F.cosine_similarity(hypergradient.double(), want, dim=0).item()
+    assert cosine > 0.99, cosine  # 3 CG iterations on a well-conditioned 20x20 system
+    assert engine.outer.module.w.min().item() >= 1e-8
+
+
+# -- learning to reweight (Meta-Weight-Net) ------------------------------------------------
+LTR_ARGS = ("--device", "cpu", "--batch_size", "8", "--imbalanced_factor", "10",
+            "--meta_net_hidden_size", "8")
+
+
+@pytest.mark.slow
+def test_learning_to_reweight(run):
+    start = run("learning_to_reweight/main.py", *LTR_ARGS, iters=0)["engine"]
+    shutil.rmtree("betty_tensorboard")  # the initial-state run's (empty) event file
+    g = run("learning_to_reweight/main.py", *LTR_ARGS, iters=4, valid=4)
+    engine = g["engine"]
+    assert (engine.inner.count, engine.outer.count) == (4, 4)
+    assert 0 <= g["best_acc"] <= 100  # validation ran (it starts at -1)
+    # Adam's steps move each weight by at most its learning rate (1e-5) per step
+    moved = (flat(engine.outer.module) - flat(start.outer.module)).abs()
+    assert 0.99e-5 <= moved.max().item() <= 4 * 1e-5 * 1.01
+    # logger_type="tensorboard" without a folder: the original's betty_tensorboard/
+    (folder,) = Path("betty_tensorboard").iterdir()
+    assert re.fullmatch(r"[A-Z][a-z]{2}\d\d_\d\d-\d\d-\d\d_" + re.escape(socket.gethostname()),
+                        folder.name), folder.name
+    assert any(f.name.startswith("events.out.tfevents") for f in folder.iterdir())
+
+
+@pytest.mark.slow
+@takes_device
+@pytest.mark.xfail("distributed" not in betty.configs.EngineConfig.__dataclass_fields__,
+                   raises=TypeError, strict=True,
+                   reason="EngineConfig(distributed=...) (a field of the original's "
+                          "EngineConfig, which its engine ignores) is not accepted")
+def test_learning_to_reweight_meta_iterative_problem(run):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = run("learning_to_reweight/main_iterative.py", *LTR_ARGS, iters=3, valid=3)
+    assert any(w.category is DeprecationWarning and "MetaIterativeProblem" in str(w.message)
+               for w in caught)
+    engine = g["engine"]
+    assert isinstance(engine.inner, IterativeProblem)
+    assert (engine.inner.count, engine.outer.count) == (3, 3)
+    assert 0 <= g["best_acc"] <= 100
