@@ -68,7 +68,7 @@ def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
 
 def woodbury_solve(columns: Tensor, block: Tensor, v: Tensor, rho: float) -> Tensor:
     """``(C W^+ C^T + rho I)^-1 v`` for ``C = columns`` (n x k), ``W = block`` (k x k,
-    symmetrised), in float64, returned in the dtype of ``v`` (module docstring)."""
+    symmetrised), computed in float64 and returned in the dtype of ``v`` (module docstring)."""
     w64 = block.to(torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(0.5 * (w64 + w64.T))
     keep = eigenvalues.abs() > PSEUDO_INVERSE_TOL * eigenvalues.abs().max()
@@ -90,12 +90,14 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
     n = sum(t.numel() for t in direction)
     coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
-    columns = torch.stack([torch.cat([c.reshape(-1) for c in hop.hvp(_one_hot(direction, i))])
+    # the columns go to float64 one by one, so no second n x k copy is made for the QR
+    columns = torch.stack([torch.cat([c.reshape(-1).to(torch.float64)
+                                      for c in hop.hvp(_one_hot(direction, i))])
                            for i in coordinates], dim=1)
     block = columns[torch.tensor(coordinates, device=columns.device)]
-    flat_v = torch.cat([t.reshape(-1) for t in direction])
+    flat_v = torch.cat([t.reshape(-1).to(torch.float64) for t in direction])
     flat_x = woodbury_solve(columns, block, flat_v, config.nystrom_rho)
     del columns
-    x = [part.view_as(t) for part, t in zip(torch.split(flat_x, [t.numel() for t in direction]),
-                                             direction)]
+    parts = torch.split(flat_x, [t.numel() for t in direction])
+    x = [part.view_as(t).to(t.dtype) for part, t in zip(parts, direction)]
     return [None if m is None else m * -scale.to(m.dtype) for m in hop.mixed(x)]
