@@ -52,56 +52,109 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.nan_to_num(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-@overload
-def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
-             return_residual: Literal[False] = False) -> Vector: ...
+def unit_(a: Sequence[Tensor]) -> Tensor:
+    """`unit` in place: scale ``a`` to norm 1 (a zero vector stays zero); returns ``||a||``."""
+    scale = norm(a)
+    torch._foreach_div_(list(a), torch.where(scale > 0, scale, torch.ones_like(scale)))
+    return scale
+
+
+def _addcmul_(y: Sequence[Tensor], x: Sequence[Tensor], alpha: Tensor, sign: float = 1.0
+              ) -> None:
+    """``y += sign * alpha * x`` in place, ``alpha`` a 0-d tensor (no host read, no
+    temporary)."""
+    for yi, xi in zip(y, x):
+        yi.addcmul_(xi, alpha, value=sign)
 
 
 @overload
 def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
-             return_residual: Literal[True]) -> tuple[Vector, Tensor]: ...
+             return_residual: Literal[False] = False, in_place: bool = False,
+             direction: Vector | None = None) -> Vector: ...
+
+
+@overload
+def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
+             return_residual: Literal[True], in_place: bool = False,
+             direction: Vector | None = None) -> tuple[Vector, Tensor]: ...
 
 
 def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
-             return_residual: bool = False) -> Vector | tuple[Vector, Tensor]:
-    """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite.
+             return_residual: bool = False, in_place: bool = False,
+             direction: Vector | None = None) -> Vector | tuple[Vector, Tensor]:
+    """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite, from ``x0``
+    (default 0).
 
     Runs exactly ``iterations`` steps. Once the residual vanishes the step sizes become 0, so
     more iterations than dimensions return the solution instead of NaN. With
     ``return_residual``, also returns the final residual norm ``||b - A x||`` (CG's recursive
     residual, a 0-d tensor; no extra matrix-vector product).
+
+    Memory: four vectors (``x``, the residual, the search direction ``p``, ``A p``), all
+    updated in place. ``matvec`` is only ever called with the search-direction list (also for
+    ``A x0``), whose contents change between calls; it must not return aliases of it. Pass
+    ``direction`` (a list of tensors shaped like ``b``) to choose that storage, e.g. one a
+    `Hop` is bound to. ``in_place=True`` lets the solver use ``b`` as the residual's storage
+    and ``x0`` as the solution's (both are overwritten).
     """
-    b = list(b)
-    x = [torch.zeros_like(t) for t in b] if x0 is None else list(x0)
-    r = b if x0 is None else axpy(-1.0, matvec(x), b)
-    p = list(r)
+    r = list(b) if in_place else [t.clone() for t in b]
+    p = [torch.empty_like(t) for t in r] if direction is None else direction
+    if x0 is None:
+        x = [torch.zeros_like(t) for t in r]
+    else:
+        x = list(x0) if in_place else [t.clone() for t in x0]
+        torch._foreach_copy_(p, x)
+        torch._foreach_sub_(r, matvec(p))
+    torch._foreach_copy_(p, r)
     rr = dot(r, r)
     for _ in range(iterations):
         ap = matvec(p)
         step = _safe_div(rr, dot(p, ap))
-        x = axpy(step, p, x)
-        r = axpy(-step, ap, r)
+        _addcmul_(x, p, step)
+        _addcmul_(r, ap, step, -1.0)
+        del ap
         rr_new = dot(r, r)
-        beta = _safe_div(rr_new, rr)
-        p = axpy(beta, p, r)
+        torch._foreach_mul_(p, _safe_div(rr_new, rr))  # p <- r + beta p
+        torch._foreach_add_(p, r)
         rr = rr_new
     if return_residual:
         return x, torch.sqrt(rr)
     return x
 
 
-def neumann_series(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, alpha: float
-                   ) -> Vector:
+def neumann_series(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, alpha: float,
+                   in_place: bool = False, term: Vector | None = None) -> Vector:
     """``alpha * sum_{k=0..K} (I - alpha A)^k b``, which tends to ``A^{-1} b``.
 
     The series converges iff ``0 < alpha < 2 / lambda_max(A)`` for ``A`` positive definite.
+    Memory: three vectors (the sum, the current term, ``A`` times it). ``matvec`` is only
+    called with the term's list, updated in place between calls (``term``: its storage, e.g.
+    one a `Hop` is bound to); ``in_place=True`` lets the sum use ``b``'s storage.
     """
-    term = list(b)
-    total = list(b)
+    total = list(b) if in_place else [t.clone() for t in b]
+    current = [torch.empty_like(t) for t in total] if term is None else term
+    torch._foreach_copy_(current, total)
     for _ in range(iterations):
-        term = axpy(-alpha, matvec(term), term)
-        total = torch._foreach_add(total, term)
-    return torch._foreach_mul(total, alpha)
+        product = matvec(current)
+        torch._foreach_add_(current, product, alpha=-alpha)
+        del product
+        torch._foreach_add_(total, current)
+    torch._foreach_mul_(total, alpha)
+    return total
+
+
+def richardson(matvec: MatVec, b: Sequence[Tensor], x0: Vector, *, iterations: int,
+               alpha: float) -> Vector:
+    """``iterations`` steps of ``x <- x + alpha (b - A x)`` from ``x0``, in place on ``x0``
+    (the Neumann series continued from ``x0``: from 0, K + 1 steps give the series of K
+    terms). ``matvec`` is only called with ``x0``'s list. Three vectors: ``x``, ``b``,
+    ``A x``."""
+    for _ in range(iterations):
+        step = matvec(x0)
+        torch._foreach_sub_(step, list(b))  # A x - b
+        torch._foreach_add_(x0, step, alpha=-alpha)
+        del step
+    return x0
 
 
 def spectral_radius(matvec: MatVec, x0: Sequence[Tensor], *, iterations: int) -> Tensor:

@@ -38,12 +38,21 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def wide_norm(ts: Sequence[Tensor]) -> Tensor:
+    """``norm(ts)`` computed in at least float32; a bf16/fp16 tensor is widened one at a time
+    (no widened copy of the whole vector)."""
+    if all(t.dtype in (torch.float32, torch.float64) for t in ts):
+        return norm(ts)
+    return torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(_wide(t)) for t in ts]))
+
+
 def probe_radius(w: Sequence[Tensor], radius: float) -> Tensor:
     """``max(radius, PROBE_ULPS * u * ||w||)``, ``u`` the resolution of ``w``'s coarsest
     dtype, as a 0-d tensor on ``w``'s device."""
     resolution = max(torch.finfo(p.dtype).eps for p in w)
     with torch.no_grad():
-        floor = PROBE_ULPS * resolution * norm([_wide(p.detach()) for p in w])
+        floor = PROBE_ULPS * resolution * wide_norm([p.detach() for p in w])
     return torch.clamp(floor, min=radius)
 
 
@@ -53,7 +62,7 @@ def central_difference(hop: Hop, v: Sequence[Tensor], radius: float, *, restore:
     ``r = probe_radius(w, radius)``; 0 where ``v = 0``. ``restore=False`` leaves the lower
     parameters at the last probe (``*_multitask``)."""
     v = v if isinstance(v, OwnedVector) else list(v)  # an owned vector is freed early
-    v_norm = norm([_wide(t) for t in v])
+    v_norm = wide_norm(v)
     r = probe_radius(hop.w, radius)
     nonzero = v_norm > 0
     eps = torch.where(nonzero, r / v_norm, 0.0)

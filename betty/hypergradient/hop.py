@@ -7,6 +7,10 @@ the next problem up the path), a `Hop` offers
 * ``mixed(x) = d/dlam <dL/dw, x>``                             (one backward through dL/dw),
 * ``upper_grads_at(d, scales)`` = ``dL/dlam`` at ``w + s d`` for each ``s`` (finite differences).
 
+A solver that updates one vector in place (CG's search direction, a Neumann term) first
+binds it (`bind`): the products with it then run through a graph of ``<dL/dw, u>`` that does not
+keep ``dL/dw`` itself alive.
+
 Every loss evaluation here runs with the same random-number state (dropout draws the same
 mask for each probe), leaves the user's random stream, module buffers (BatchNorm running
 statistics) and lower parameters exactly as they were. The finite-difference probes run inside
@@ -72,6 +76,8 @@ class Hop:
         # iterates stay those of one process on the union batch; None = one process
         self._average = average
         self._grad_w: tuple[Tensor, ...] | None = None
+        # (u, <dL/dw, u>) after `bind`: products with u through a graph that frees dL/dw
+        self._bound: tuple[list[Tensor], Tensor | None] | None = None
         # diagonal dU/dg of the lower optimizer's update, for optimizer-aware methods (sama)
         self.update_jacobian: Callable[[], list[Tensor]] | None = None
         # where methods report diagnostics (key, 0-d tensor); None = diagnostics off, so a
@@ -88,6 +94,7 @@ class Hop:
 
     def __exit__(self, *exc: Any) -> None:
         self._grad_w = None
+        self._bound = None
         self._state.__exit__(*exc)
 
     def _loss(self) -> Tensor:
@@ -102,16 +109,61 @@ class Hop:
                                                allow_unused=True, materialize_grads=True)
         return self._grad_w
 
+    def bind(self, u: Sequence[Tensor]) -> None:
+        """Tie later products with ``u`` to a graph of ``<dL/dw, u>`` built once: `hvp` and
+        `mixed` called with ``u`` itself then read ``u``'s current contents, so a solver that
+        updates ``u`` in place needs no copy of ``dL/dw`` (a parameter-sized vector) to be
+        kept alive. Products with other vectors still work (through a graph of their own)."""
+        u = list(u)
+        g = self._gradient_graph()
+        self._grad_w = None  # only the graph of <g, u> keeps what it needs
+        terms = []
+        for gi, ui in zip(g, u):
+            if not gi.requires_grad:
+                continue
+            # ``ui.data``: an alias whose version counter is its own, so the solver's in-place
+            # updates of ``ui`` are read at backward time instead of being refused
+            alias = ui.data
+            if type(gi) is Tensor and alias.is_contiguous():
+                terms.append(torch.dot(gi.reshape(-1), alias.reshape(-1)))  # saves only u
+            else:
+                terms.append(torch.sum(gi * alias))
+        self._bound = (u, torch.stack(terms).sum() if terms else None)
+
+    def _bound_to(self, x: Sequence[Tensor]) -> Tensor | None | bool:
+        """The bound scalar graph if ``x`` is the bound vector (None if it carries nothing),
+        else False."""
+        if self._bound is None or len(x) != len(self._bound[0]):
+            return False
+        u, s = self._bound
+        if any(a is not b for a, b in zip(x, u)):
+            return False
+        return s
+
     def hvp(self, x: Sequence[Tensor]) -> list[Tensor]:
         """``H x`` by double backward through the retained graph of ``dL/dw``."""
-        g = self._gradient_graph()
-        out = torch.autograd.grad(g, self.w, grad_outputs=list(x), retain_graph=True,
-                                  allow_unused=True, materialize_grads=True)
+        bound = self._bound_to(x)
+        if bound is False:
+            g = self._gradient_graph()
+            out = torch.autograd.grad(g, self.w, grad_outputs=list(x), retain_graph=True,
+                                      allow_unused=True, materialize_grads=True)
+        elif bound is None:
+            out = tuple(torch.zeros_like(p) for p in self.w)
+        else:
+            assert isinstance(bound, Tensor)
+            out = torch.autograd.grad(bound, self.w, retain_graph=True, allow_unused=True,
+                                      materialize_grads=True)
         hx = [t.detach() for t in out]
         return hx if self._average is None else self._average(hx)
 
     def mixed(self, x: Sequence[Tensor]) -> OptionalVector:
         """``d/dlam <dL/dw, x>``; ``None`` for upper parameters the loss does not reach."""
+        bound = self._bound_to(x)
+        if bound is None:
+            return [None] * len(self.lam)
+        if isinstance(bound, Tensor):
+            out = torch.autograd.grad(bound, self.lam, retain_graph=True, allow_unused=True)
+            return list(out)
         g = self._gradient_graph()
         if not any(t.requires_grad for t in g):
             return [None] * len(self.lam)
@@ -123,28 +175,37 @@ class Hop:
     def upper_grads_at(self, direction: Sequence[Tensor], scales: Sequence[Tensor],
                        restore: bool = True) -> list[OptionalVector]:
         """``dL/dlam`` at ``w + s * direction`` for each ``s``; parameters restored bit for
-        bit afterwards unless ``restore`` is False (then they stay at the last probe)."""
-        with torch.no_grad():
-            origin = [p.detach().clone() for p in self.w]
+        bit afterwards unless ``restore`` is False (then they hold the last probe).
+
+        The probes are formed in a separate vector that the parameters point at while the
+        loss is evaluated (``p.data``), and the parameters' own storage is never written: the
+        restore is exact and costs no copy. An `OwnedVector` direction is itself that vector
+        (so the probes cost no parameter-sized memory); otherwise it is cloned once."""
+        owned = isinstance(direction, OwnedVector)
+        probe = [d if owned else d.clone() for d in direction]
+        if owned:
+            direction.clear()  # type: ignore[attr-defined]  # probe holds its tensors now
+        originals = [p.data for p in self.w]
+        for i, (d, o) in enumerate(zip(probe, originals)):
+            if d.dtype != o.dtype:
+                probe[i] = d.to(o.dtype)
         results: list[OptionalVector] = []
         first: Tensor | None = None
         try:
             with self._probe_context():
                 for s in scales:
                     with torch.no_grad():
-                        if first is None or direction:  # w = origin + s * direction
-                            torch._foreach_copy_(self.w, origin)
-                            torch._foreach_add_(self.w, torch._foreach_mul(list(direction), s))
+                        if first is None:  # w + s d
+                            torch._foreach_mul_(probe, s)
+                            torch._foreach_add_(probe, originals)
+                            for p, q in zip(self.w, probe):
+                                p.data = q
                             first = s
-                            if isinstance(direction, OwnedVector):
-                                direction.clear()  # free it before the forward passes
-                        else:  # direction freed: origin + s/s0 (w - origin), the first probe's
-                            step = torch._foreach_sub(self.w, origin)
+                        else:  # w + s/s0 (probe - w), the mirror of the first probe
+                            torch._foreach_sub_(probe, originals)
                             # a zero radius (v = 0) gives 0/0: the perturbation is 0 anyway
-                            torch._foreach_mul_(step, torch.nan_to_num(s / first, nan=0.0))
-                            torch._foreach_add_(step, origin)
-                            torch._foreach_copy_(self.w, step)
-                            del step
+                            torch._foreach_mul_(probe, torch.nan_to_num(s / first, nan=0.0))
+                            torch._foreach_add_(probe, originals)
                     loss = self._loss()
                     grads = (torch.autograd.grad(loss, self.lam, allow_unused=True)
                              if loss.requires_grad else (None,) * len(self.lam))
@@ -153,7 +214,9 @@ class Hop:
                     del loss
                     results.append([None if g is None else g.detach() for g in grads])
         finally:
-            if restore:
-                with torch.no_grad():
-                    torch._foreach_copy_(self.w, origin)
+            with torch.no_grad():
+                if not restore and first is not None:
+                    torch._foreach_copy_(originals, probe)
+            for p, o in zip(self.w, originals):
+                p.data = o
         return results

@@ -27,7 +27,7 @@ def sama(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     if hop.update_jacobian is None:
         raise RuntimeError("sama needs the lower problem's optimizer (Hop.update_jacobian)")
     owned = isinstance(v, OwnedVector)
-    pv = OwnedVector(v) if owned else [t.clone() for t in v]
+    pv = OwnedVector(v) if owned else OwnedVector(t.clone() for t in v)
     if owned:
         v.clear()  # type: ignore[attr-defined]  # P v overwrites the chain's own vector
     torch._foreach_mul_(pv, hop.update_jacobian())
