@@ -6,6 +6,9 @@ Features are standardized with the statistics of the training pool only.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -90,3 +93,29 @@ def accuracy(model: torch.nn.Module, split: Split) -> float:
     acc = (model(x).argmax(1) == y).float().mean().item()
     model.train(was_training)
     return acc
+
+
+# -- figures ---------------------------------------------------------------------------------
+# A run writes its figure under outputs/<example>/ (git-ignored), so trying an example never
+# overwrites the figure committed next to its README; --refresh-figures rewrites that one.
+OUTPUT_DIR = Path("outputs")
+
+
+def add_figure_arguments(parser: argparse.ArgumentParser, committed: Path) -> None:
+    """``--plot PATH`` ('' for none) and ``--refresh-figures`` for the figure ``committed``."""
+    default = OUTPUT_DIR / committed.parent.name / committed.name
+    parser.add_argument("--plot", default=None,
+                        help=f"PNG path ('' for none; default {default})")
+    parser.add_argument("--refresh-figures", action="store_true",
+                        help=f"write the figure committed next to the README ({committed.name})")
+
+
+def figure_path(args: argparse.Namespace, committed: Path) -> str | None:
+    """Where to write the figure (its folder created), or None for no figure."""
+    if args.refresh_figures:
+        return str(committed)
+    if args.plot == "":
+        return None
+    path = Path(args.plot) if args.plot else OUTPUT_DIR / committed.parent.name / committed.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)

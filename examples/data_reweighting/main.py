@@ -23,7 +23,7 @@ The baseline, "plain", trains the same MLP with the same optimizer, batches and 
 steps, every weight 1. Reported: final test accuracy (no early stopping, no model picked on
 test data), mean +- std over seeds.
 
-    python examples/data_reweighting/main.py                  # writes mwn.png, prints the table
+    python examples/data_reweighting/main.py  # the table; outputs/data_reweighting/mwn.png
     python examples/data_reweighting/main.py --settings noise40 --seeds 0
     python examples/data_reweighting/main.py --quick
     torchrun --nproc_per_node=2 examples/data_reweighting/main.py --strategy distributed
@@ -43,7 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import accuracy, digits_splits, flip_labels, loader, long_tail  # noqa: E402
+from _common import (  # noqa: E402
+    accuracy,
+    add_figure_arguments,
+    digits_splits,
+    figure_path,
+    flip_labels,
+    loader,
+    long_tail,
+)
 
 from betty import Engine  # noqa: E402
 from betty.configs import Config, EngineConfig  # noqa: E402
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1000, help="classifier steps per run")
     parser.add_argument("--strategy", choices=STRATEGIES, default="default",
                         help="EngineConfig.strategy ('distributed': run under torchrun)")
-    parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
@@ -292,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
               "steps": args.steps}
     if args.quick:
         kwargs = QUICK
-    result = run(strategy=args.strategy, plot=args.plot or None, **kwargs)
+    result = run(strategy=args.strategy, plot=figure_path(args, PLOT), **kwargs)
     if is_main_process():
         print(format_table(result))
         print(f"{len(result['runs'])} runs of {result['steps']} steps each, "

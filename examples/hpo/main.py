@@ -23,7 +23,7 @@ Datasets: ``synthetic`` as in the original (1000 points, 20 standard-normal feat
 from the same distribution; and scikit-learn's ``breast_cancer`` (569 samples, 30 features,
 standardized; stratified 40% train / 30% validation / 30% test).
 
-    python examples/hpo/main.py            # both datasets, writes examples/hpo/hpo.png
+    python examples/hpo/main.py            # both datasets, writes outputs/hpo/hpo.png
     python examples/hpo/main.py --method reverse
     python examples/hpo/main.py --quick    # seconds: a smoke test
 """
@@ -31,6 +31,7 @@ standardized; stratified 40% train / 30% validation / 30% test).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import add_figure_arguments, figure_path  # noqa: E402
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
@@ -314,13 +318,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=METHODS, default="cg")
     parser.add_argument("--iters", type=int, default=10000, help="global steps per dataset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # tiny models: more threads only add overhead
     kwargs = QUICK if args.quick else {"train_iters": args.iters}
-    result = run(method=args.method, seed=args.seed, plot=args.plot or None, **kwargs)
+    result = run(method=args.method, seed=args.seed, plot=figure_path(args, PLOT), **kwargs)
 
     for name, res in result["datasets"].items():
         lam = np.array(res["lam"])

@@ -35,7 +35,7 @@ set. iMAML adapts as it was meta-trained (with its proximal term), MAML and pret
 mean query accuracy with a 95% interval over tasks, and the same on 200 tasks of the
 meta-training classes ("seen classes": how much each method fits them).
 
-    python examples/imaml/main.py                 # writes examples/imaml/imaml.png
+    python examples/imaml/main.py                 # writes outputs/imaml/imaml.png
     python examples/imaml/main.py --shots 5 --seed 1
     python examples/imaml/main.py --quick         # seconds: a smoke test
 """
@@ -46,6 +46,7 @@ import argparse
 import copy
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import add_figure_arguments, figure_path  # noqa: E402
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="inner SGD steps per task")
     parser.add_argument("--lam", type=float, default=0.2, help="iMAML's proximal strength")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
@@ -469,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         kwargs.update(meta_iters=60, steps=5, pretrain_iters=100, test_tasks=60,
                       seen_tasks=20, curve_tasks=20, curve_points=3, scratch_steps=30)
-    result = run(plot=args.plot or None, **kwargs)
+    result = run(plot=figure_path(args, PLOT), **kwargs)
     print(format_table(result))
     t = result["train_seconds"]
     print(f"meta-training: {result['meta_iters']} updates of {result['meta_batch']} tasks; "

@@ -35,7 +35,7 @@ every proximal strength in ``lams``. Reported: final target test accuracy (no mo
 test data), mean +- std over seeds; the mean learned weight of clean and of harmful source
 samples, and how often a clean sample outweighs a harmful one.
 
-    python examples/learning_by_ignoring/main.py          # writes lbi.png next to this file
+    python examples/learning_by_ignoring/main.py          # outputs/learning_by_ignoring/lbi.png
     python examples/learning_by_ignoring/main.py --noise 0.2 --lams 0.05 --seeds 0 1
     python examples/learning_by_ignoring/main.py --quick  # seconds: a smoke test
 """
@@ -58,7 +58,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import accuracy, flip_labels, loader  # noqa: E402
+from _common import accuracy, add_figure_arguments, figure_path, flip_labels, loader  # noqa: E402
 
 from betty import Engine  # noqa: E402
 from betty.configs import Config, EngineConfig  # noqa: E402
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="finetune's proximal strengths")
     parser.add_argument("--finetune-type", choices=("cg", "darts", "neumann"), default="cg",
                         help="hypergradient method through finetune (its Config.type)")
-    parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
               "finetune_type": args.finetune_type}
     if args.quick:
         kwargs.update(seeds=(0,), steps=300, lams=(5e-2,), curve_points=3)
-    result = run(plot=args.plot or None, **kwargs)
+    result = run(plot=figure_path(args, PLOT), **kwargs)
     print(format_table(result))
     print(f"{len(result['runs'])} runs, {result['seconds']:.1f} s in total")
     return result

@@ -30,7 +30,7 @@ on new tasks:
   meta-training. MLP 64-64-5 whose head starts every task at zero, inner SGD lr 1.0
   (chosen by ``--meta-val`` on held-out meta-training classes, never on digits 5-9).
 
-    python examples/maml/main.py            # the README's table and maml.png (60 s here)
+    python examples/maml/main.py            # the README's table, outputs/maml/maml.png (60 s)
     python examples/maml/main.py --quick    # seconds: a short run, as in the test
     python examples/maml/main.py --meta-val # the meta-validation behind the digits inner lr
 """
@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,17 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import add_figure_arguments, figure_path  # noqa: E402
+
 from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.problems import ImplicitProblem, TaskBatchedProblem
 
 Tasks = tuple[Tensor, Tensor, Tensor, Tensor]  # x_support, y_support, x_query, y_query
 METHODS = ("MAML", "first-order MAML", "joint training", "random init")
+
+PLOT = Path(__file__).with_name("maml.png")  # committed next to the README
 
 
 # -- tasks: every tensor stacked per task (leading dim T) ------------------------------------
@@ -443,9 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 meta-steps, 50 test tasks")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default=None,
-                        help="where to save the figure (default: maml.png next to this file, "
-                        "none with --quick)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--meta-val", action="store_true",
                         help="only the meta-validation that chose MAML's inner lr on digits")
     args = parser.parse_args(argv)
@@ -454,8 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = meta_validation(seed=args.seed)
         print_table(rows)
         return {"rows": rows}
-    plot = args.plot or (None if args.quick else
-                         os.path.join(os.path.dirname(os.path.abspath(__file__)), "maml.png"))
+    plot = figure_path(args, PLOT)
 
     torch.set_num_threads(1)  # small networks: more threads only add overhead
     start = time.perf_counter()

@@ -24,7 +24,7 @@ number of parameters (operations drawn uniformly, redrawn until the count matche
 retrained the same way. Data: scikit-learn's digits as 1x8x8 images, standardized per pixel;
 a stratified test set of 500, the remaining 1297 split in half for the search.
 
-    python examples/nas/main.py               # search, retrain, writes examples/nas/nas.png
+    python examples/nas/main.py               # search, retrain, writes outputs/nas/nas.png
     python examples/nas/main.py --roll-back
     python examples/nas/main.py --quick
 """
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import accuracy, digits_splits, loader  # noqa: E402
+from _common import accuracy, add_figure_arguments, digits_splits, figure_path, loader  # noqa: E402
 
 from betty import Engine  # noqa: E402
 from betty.configs import Config, EngineConfig  # noqa: E402
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="data split and search seed")
     parser.add_argument("--roll-back", action="store_true", help="EngineConfig(roll_back=True)")
-    parser.add_argument("--plot", default=str(PLOT), help="PNG path ('' for none)")
+    add_figure_arguments(parser, PLOT)
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     args = parser.parse_args(argv)
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     kwargs = {"steps": args.steps, "epochs": args.epochs, "channels": args.channels}
     if args.quick:
         kwargs = QUICK
-    result = run(seed=args.seed, roll_back=args.roll_back, plot=args.plot or None, **kwargs)
+    result = run(seed=args.seed, roll_back=args.roll_back, plot=figure_path(args, PLOT), **kwargs)
 
     for h in result["history"]:
         print(f"search step {h['step']:4d}  supernet search-validation acc {h['acc']:.3f}")
