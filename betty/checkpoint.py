@@ -43,12 +43,11 @@ from betty.errors import BettyError
 
 if TYPE_CHECKING:
     from betty.engine import Engine
-    from betty.problems.problem import Problem
 
 log = logging.getLogger("betty")
 
 FORMAT = "betty-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: states owned by each object (schedule, pipeline, precision)
 _FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -93,52 +92,15 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-# -- one problem -----------------------------------------------------------------------
-def problem_training_state(problem: Problem) -> dict[str, Any]:
-    """What `Problem.training_state` returns (module, optimizer, ... data position)."""
-    params = problem.trainable_parameters()
-    source = problem._source
-    precision = problem._precision
-    return {
-        "state": problem.state_dict(),
-        "window_start": problem._window_start,
-        "ready": list(problem.ready),
-        "hypergradient_seen": problem._hypergradient_seen,
-        "roll_back_cache": problem._cache,
-        "grads": [None if p.grad is None else p.grad.detach() for p in params],
-        "cur_batch": _plain_batch(problem),
-        "data": None if source is None else source.state_dict(),
-        "skipped_steps": 0 if precision is None else precision.skipped_steps,
-    }
-
-
-def load_problem_training_state(problem: Problem, state: dict[str, Any]) -> None:
-    """Inverse of `problem_training_state`; replays the data loaders to their positions."""
-    from betty.problems.data import move_to
-
-    problem.load_state_dict(state["state"])
-    problem._window_start = bool(state["window_start"])
-    problem.ready = [bool(r) for r in state["ready"]]
-    problem._hypergradient_seen = bool(state["hypergradient_seen"])
-    problem._cache = move_to(state["roll_back_cache"], problem._device)
-    for p, grad in zip(problem.trainable_parameters(), state["grads"]):
-        p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
-    problem.cur_batch = move_to(state["cur_batch"], problem._device)
-    if problem._source is not None and state["data"] is not None:
-        problem._source.load_state_dict(state["data"])
-    if problem._precision is not None:
-        problem._precision.skipped_steps = int(state["skipped_steps"])
-
-
-def _plain_batch(problem: Problem) -> Any:
-    """The current batch if ``weights_only`` loading can rebuild it, else ``None``."""
-    batch = problem.cur_batch
+# -- one problem ----------------------------------------------------------------------
+def storable_batch(owner: str, batch: Any) -> Any:
+    """``batch`` if ``weights_only`` loading can rebuild it, else ``None`` (with a warning)."""
     if _is_plain(batch):
         return batch
     log.warning("problem '%s': its current batch (a %s) is not made of tensors, numbers, "
                 "strings, lists, tuples and dicts, so the checkpoint leaves it out; a "
                 "hypergradient hop through '%s' before its next step would see no batch",
-                problem.name, type(batch).__name__, problem.name)
+                owner, type(batch).__name__, owner)
     return None
 
 
@@ -197,9 +159,8 @@ def engine_state(engine: Engine) -> dict[str, Any]:
         "format": FORMAT,
         "version": VERSION,
         "torch_version": str(torch.__version__),
-        "global_step": engine.global_step,
-        "early_stopping": {"best": engine._best, "bad_validations": engine._bad_validations,
-                           "stopped": engine.stopped_early},
+        "engine": engine.loop_state_dict(),
+        "schedule": engine.schedule.state_dict(),
         "signature": signature(engine),
         "problems": {p.name: p.training_state() for p in engine.problems},
         "rng": rng_state(),
@@ -231,11 +192,8 @@ def load(engine: Engine, path: str | os.PathLike[str]) -> None:
     _check_signature(state["signature"], signature(engine), path)
     for problem in engine.problems:
         problem.load_training_state(state["problems"][problem.name])
-    engine.global_step = int(state["global_step"])
-    stopping = state["early_stopping"]
-    engine._best = stopping["best"]
-    engine._bad_validations = int(stopping["bad_validations"])
-    engine.stopped_early = bool(stopping["stopped"])
+    engine.schedule.load_state_dict(state["schedule"])
+    engine.load_loop_state_dict(state["engine"])
     set_rng_state(state["rng"])  # last: replaying the data loaders moved the random state
     log.info("resumed from %s at global step %d", path, engine.global_step)
 

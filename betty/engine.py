@@ -23,6 +23,7 @@ from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
 from betty.graph import build_graph
 from betty.logging import ProgressBar, format_metrics, learning_rates, make_logger
 from betty.problems.problem import Problem
+from betty.schedule import Schedule
 
 if TYPE_CHECKING:
     from betty.visualize import ProgramPicture
@@ -95,7 +96,9 @@ class Engine:
         self.leaves = graph.leaves
         self._set_names()
         self._check_orders()
+        self.schedule = Schedule(self.problems, roll_back=self.config.roll_back)
         for problem in self.problems:
+            problem.attach_clock(self.schedule.clock(problem.name))
             problem.initialize(self, self.device)
         self.strategy.setup(self)  # shard data; ZeRO optimizers; FSDP modules
         self._buffers = [b for p in self.problems if p.module is not None
@@ -187,13 +190,12 @@ class Engine:
         window ended."""
         stack: list[tuple[Problem, Problem | None]] = [(leaf, None)]
         leaf_ended = False
+        schedule = self.schedule
         timed = self.diagnostics.enabled
         while stack:
             problem, trigger = stack.pop()
-            if trigger is not None:
-                problem.ready[problem.children.index(trigger)] = True
-                if not all(problem.ready):
-                    continue
+            if trigger is not None and not schedule.trigger(problem.name, trigger.name):
+                continue
             started = self.diagnostics.clock() if timed else None  # EngineConfig.diagnostics
             if roll_back:
                 ends_window = problem.roll_back_step() and bool(problem.parents)
@@ -201,8 +203,7 @@ class Engine:
                 ends_window = problem.step(global_step=self.global_step)
             if started is not None:
                 self.diagnostics.add_time(problem.name, started)
-            if problem.ready:
-                problem.ready = [False] * len(problem.ready)
+            schedule.reset(problem.name)
             leaf_ended = leaf_ended or (problem is leaf and ends_window)
             if ends_window:
                 for parent in reversed(problem.parents):
@@ -261,7 +262,7 @@ class Engine:
                 strategy.barrier()  # no rank leaves (and closes its connections) early
         finally:
             for problem in self.problems:
-                problem._settle()
+                problem.settle()
             progress.close()
             self.logger.close()
 
@@ -278,7 +279,7 @@ class Engine:
     # -- checkpoints (betty.checkpoint) --------------------------------------------------
     def _checkpoint_blockers(self) -> list[str]:
         """Why the program cannot be checkpointed at this global step (empty: it can)."""
-        return [why for p in self.problems if (why := p._unsaveable_window()) is not None]
+        return [why for p in self.problems if (why := p.checkpoint_blocker()) is not None]
 
     def _wait_for_window(self, step: int) -> bool:
         """True while a due checkpoint must wait for an unroll window to end (logged once)."""
@@ -330,6 +331,17 @@ class Engine:
                 return
             source = path
         self.load_checkpoint(source)
+
+    def loop_state_dict(self) -> dict[str, Any]:
+        """The training loop's own state: global step and early stopping."""
+        return {"global_step": self.global_step, "best": self._best,
+                "bad_validations": self._bad_validations, "stopped": self.stopped_early}
+
+    def load_loop_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self._best = state["best"]
+        self._bad_validations = int(state["bad_validations"])
+        self.stopped_early = bool(state["stopped"])
 
     def _has_validation(self) -> bool:
         return type(self).validation is not Engine.validation

@@ -130,12 +130,14 @@ def build(kind: str = "implicit", variant: str = "plain", hidden: int = HIDDEN,
 
 def final_state(engine: Engine) -> dict[str, Any]:
     """Everything that must match bitwise between a resumed run and an uninterrupted one."""
-    state: dict[str, Any] = {"global_step": engine.global_step, "best": engine._best,
-                             "bad_validations": engine._bad_validations}
+    state: dict[str, Any] = {**engine.loop_state_dict(),
+                             "schedule": engine.schedule.state_dict()}
     for p in engine.problems:
+        training = p.training_state()
         state[p.name] = {**p.state_dict(), "skipped": p.skipped_steps,
                          "grads": [q.grad for q in p.trainable_parameters()],
-                         "data": p._source.state_dict()["positions"] + p._source.epochs}
+                         "accumulated": training["accumulated"],
+                         "data": training["data"]["positions"] + training["data"]["epochs"]}
     return state
 
 
@@ -218,7 +220,7 @@ def test_a_mid_window_reverse_checkpoint_would_not_resume_exactly(tmp_path, monk
     and the resumed run differs from the uninterrupted one."""
     mid = build("iterative", "reverse", train_iters=N)
     mid.run()
-    monkeypatch.setattr(IterativeProblem, "_unsaveable_window", lambda self: None)
+    monkeypatch.setattr(IterativeProblem, "checkpoint_blocker", lambda self: None)
     path = mid.save_checkpoint(tmp_path / "mid.pt")
     engine = build("iterative", "reverse")
     engine.load_checkpoint(path)

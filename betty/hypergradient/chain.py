@@ -38,7 +38,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
     kind = lower.config.type
     method = kind if callable(kind) else METHODS[kind]
     strategy = strategy_of(lower)
-    hop = Hop(lower._trainable(), upper._trainable(),
+    hop = Hop(lower.parameter_list(), upper.parameter_list(),
               lower.hop_loss, buffers=lower.engine_buffers(), devices=lower.cuda_devices(),
               probe_context=full_precision,
               average=None if strategy.world_size == 1 else strategy.all_average)
@@ -48,12 +48,26 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
         return method(hop, v, lower.config)
 
 
+def _head_is_exclusive(path: Sequence[Problem]) -> bool:
+    """Whether the head vector's tensors belong to this path alone, so that the first hop
+    may reuse their storage (`OwnedVector`): not when another path of the owner starts at
+    the same lower (the same gradient tensors), nor when that lower shares parameters with
+    the owner (the owner's own gradient)."""
+    owner, head = path[0], path[1]
+    if sum(other[1] is head for other in owner.paths) > 1:
+        return False
+    own = {id(p) for p in owner.parameter_list()}
+    return not any(id(p) in own for p in head.parameter_list())
+
+
 def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tensor] | None:
     """Product of the hops along ``path`` applied to ``v`` (w.r.t. ``path[1]``'s
     parameters); ``None`` when the path carries nothing (an unused link)."""
     owner = path[0]
     diagnostics = active_diagnostics(owner.engine)
-    vec = _materialize(v, path[1]._trainable())
+    vec = _materialize(v, path[1].parameter_list())
+    if vec is not None and not _head_is_exclusive(path):
+        vec = list(vec)  # its tensors are shared: the first hop must not write into them
     if isinstance(v, list):
         v.clear()  # the caller's head vector is consumed: the hops may free it early
     hops = list(zip(path[1:-1], path[2:]))
@@ -62,7 +76,7 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
             return None
         report = None if diagnostics is None else diagnostics.reporter(owner.name, lower.name)
         vec = _materialize(hop_through(lower, upper, vec, report=report),
-                           upper._trainable())
+                           upper.parameter_list())
         if vec is not None and i < len(hops) - 1:
             # several processes: the next hop needs the global vector (its probe radius and
             # solver are nonlinear in it); the last hop's output is averaged by the caller,

@@ -57,8 +57,8 @@ class ProgressBar:
 
     def losses(self) -> str:
         """``name=loss`` of every problem that has stepped (one host read for all)."""
-        named = [(p.name, p._last_loss.detach()) for p in self.problems
-                 if p._last_loss is not None]
+        named = [(p.name, p.last_loss.detach()) for p in self.problems
+                 if p.last_loss is not None]
         values = to_host([loss for _, loss in named])
         return ", ".join(f"{name}={value:.4g}" for (name, _), value in zip(named, values))
 

@@ -1,15 +1,25 @@
 """User hooks of a `Problem`: each is a documented no-op that says exactly when it runs.
 
-The engine never probes for hooks with ``getattr``; it calls these methods, and a subclass
-overrides the ones it needs.
+A subclass overrides the hooks it needs (or assigns one on the instance). `bind_hooks`
+resolves them once, at set-up and whenever one is assigned, into `BoundHooks`: bound
+callables, or None for a hook left at its no-op, so the step never probes for hooks.
+
+The order of one local step, for every kind of problem (`docs/training.md#the-local-step`):
+loss -> gradient of this micro-batch (direct + hypergradients) -> ``grad_callback`` ->
+accumulate -> on the last micro-batch: unscale (fp16) -> clip -> optimizer step ->
+``param_callback`` -> clear gradients -> scheduler step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+HOOK_NAMES = ("grad_callback", "param_callback", "custom_optimizer_step")
 
 
 class ProblemHooks:
@@ -43,9 +53,12 @@ class ProblemHooks:
         """Runs at the start of each unroll window, before the window's first local step."""
 
     def grad_callback(self, grads: list[torch.Tensor | None]) -> None:
-        """Runs after this step's gradients (direct + hypergradient) are computed and stored
-        in ``.grad``, before accumulation is complete, unscaling, clipping and the optimizer
-        step. ``grads`` are this step's gradients; editing them in place edits ``.grad``."""
+        """Runs once per local step (micro-batch), on that micro-batch's gradients (direct +
+        hypergradients, of the loss divided by ``gradient_accumulation`` and scaled by the
+        fp16 scaler), before they are accumulated, unscaled and clipped. Editing them in
+        place edits what the optimizer steps with. For an `IterativeProblem` they are the
+        gradients at the window's functional parameters; for a `TaskBatchedProblem` they
+        are stacked ``[T, ...]`` per task."""
 
     def custom_optimizer_step(self) -> None:
         """Replace the optimizer step. Only called when a subclass overrides it; it then runs
@@ -53,7 +66,10 @@ class ProblemHooks:
         raise NotImplementedError
 
     def param_callback(self, params: list[torch.nn.Parameter] | None = None) -> None:
-        """Runs after each optimizer step, before gradients are cleared (e.g. clamping)."""
+        """Runs after each optimizer step, before gradients are cleared (e.g. clamping); the
+        original's zero-argument form ``param_callback(self)`` works too. An
+        `IterativeProblem` runs it when a window's values are written back to its real
+        parameters (inside a window they are functional tensors)."""
 
     def epoch_callback(self) -> None:
         """Runs when the (first) data loader is exhausted, before it restarts."""
@@ -65,7 +81,9 @@ class ProblemHooks:
         return [p for p in self.module.parameters() if p.requires_grad]  # type: ignore[attr-defined]
 
     def meta_trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters an upper problem's hypergradient flows through (default: trainable)."""
+        """The original's name for the parameters an upper problem differentiates through.
+        betty differentiates through `trainable_parameters` (which the optimizer steps), so
+        overriding this instead is refused at set-up with an error saying so."""
         return self.trainable_parameters()
 
     def parameters(self) -> Iterable[torch.nn.Parameter]:
@@ -79,3 +97,34 @@ class ProblemHooks:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """What ``problem(x)`` computes (default: ``self.module(x)``)."""
         return self.module(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class BoundHooks:
+    """A problem's overridden hooks as bound callables; None where left at the no-op."""
+
+    grad_callback: Callable[[list[torch.Tensor | None]], None] | None = None
+    param_callback: Callable[[list[torch.Tensor]], None] | None = None
+    custom_optimizer_step: Callable[[], None] | None = None
+
+
+def _overridden(problem: Any, name: str) -> bool:
+    return name in vars(problem) or getattr(type(problem), name) is not getattr(ProblemHooks,
+                                                                                   name)
+
+
+def bind_hooks(problem: Any) -> BoundHooks:
+    """Resolve ``problem``'s hooks (class overrides or instance assignments) once."""
+    found = {name: getattr(problem, name) for name in HOOK_NAMES if _overridden(problem, name)}
+    param = found.get("param_callback")
+    if param is not None and not _takes_arguments(param):
+        zero_argument = param  # the original's form: param_callback(self)
+        found["param_callback"] = lambda params: zero_argument()
+    return BoundHooks(**found)
+
+
+def _takes_arguments(fn: Callable[..., Any]) -> bool:
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: pass the parameters
+        return True

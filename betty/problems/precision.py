@@ -14,18 +14,18 @@ Second-order products (neumann, cg) do not cancel and keep the problem's autocas
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from betty.configs import Config
 
-if TYPE_CHECKING:
-    from betty.problems.problem import Problem
+log = logging.getLogger("betty")
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SWITCH = threading.local()  # .off: autocast disabled in this thread (full_precision)
@@ -46,62 +46,69 @@ def full_precision() -> Iterator[None]:
 
 
 class Precision:
-    """Autocast context, loss scaling and the guarded optimizer step of one problem."""
+    """Autocast, loss scaling and the guarded optimizer step of one problem: a plugin that
+    receives the optimizer and the step as closures (as torch's GradScaler and Lightning's
+    precision plugins do) and never calls back into the problem."""
 
     def __init__(self, owner: str, config: Config, device: torch.device) -> None:
         self.owner = owner
         self.device_type = device.type
         self.dtype = _DTYPES.get(config.precision)
-        self.clip = config.gradient_clipping
         self.skipped_steps = 0
-        self.plain = self.dtype is None and self.clip <= 0  # nothing to do around a step
         self.scaler: torch.amp.GradScaler | None = None
         if config.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 self.device_type, init_scale=config.initial_dynamic_scale,
                 growth_factor=config.scale_factor)
+            if device.type == "cpu" and not _WARNED.get("fp16-cpu"):
+                _WARNED["fp16-cpu"] = True
+                log.warning("problem '%s': precision='fp16' on the CPU runs float16 kernels "
+                            "that are far slower than float32 there (100x on a ResNet-50); "
+                            "use precision='bf16' on CPUs", owner)
 
     def autocast(self) -> Any:
         if self.dtype is None or getattr(_SWITCH, "off", False):
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def scale(self, loss: Tensor, config: Config, *, whole_step: bool = False) -> Tensor:
-        """Loss as differentiated: scaled for fp16, divided over accumulated micro-batches
-        (unless this one batch makes a whole optimizer step, as a roll-back replay does)."""
+    def scale(self, loss: Tensor, micro_batches: int) -> Tensor:
+        """Loss as differentiated: scaled for fp16, divided over ``micro_batches``."""
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        gas = 1 if whole_step else config.gradient_accumulation
-        return loss if gas == 1 else loss / gas
+        return loss if micro_batches == 1 else loss / micro_batches
 
-    def step(self, problem: Problem, params: list[torch.Tensor]) -> bool:
-        """unscale -> clip -> optimizer step -> scaler update. Returns False if skipped."""
-        optimizer = problem.optimizer
+    def step(self, optimizer: torch.optim.Optimizer | None, grads: Sequence[Tensor | None],
+             *, clip: Callable[[], None], step: Callable[[], None]) -> bool:
+        """unscale -> ``clip()`` -> ``step()`` -> scaler update. ``grads`` are the
+        optimizer's ``.grad`` tensors. Returns False when fp16 gradients held inf/NaN and
+        the step was skipped (counted in ``skipped_steps``)."""
         if self.scaler is None:
-            if self.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.clip)
-            problem.run_optimizer()
+            clip()
+            step()
             return True
         assert optimizer is not None
         self.scaler.unscale_(optimizer)
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.clip)
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(optimizer) if not _custom(problem) else _custom_scaled(self, problem)
-        self.scaler.update()
-        skipped = self.scaler.get_scale() < scale_before  # host read: fp16 only
-        self.skipped_steps += int(skipped)
-        return not skipped
+        clip()
+        present = [g for g in grads if g is not None]
+        # host read, fp16 only: whether to step at all
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in present]).all()) \
+            if present else True
+        if finite:
+            step()
+        self.scaler.update()  # reads the inf flags unscale_ recorded: halves the scale
+        self.skipped_steps += int(not finite)
+        return finite
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
-def _custom(problem: Problem) -> bool:
-    from betty.problems.hooks import ProblemHooks
-
-    return type(problem).custom_optimizer_step is not ProblemHooks.custom_optimizer_step
-
-
-def _custom_scaled(precision: Precision, problem: Problem) -> None:
-    state = precision.scaler._per_optimizer_states[id(problem.optimizer)]  # type: ignore[union-attr]
-    found = sum(v.item() for v in state["found_inf_per_device"].values())
-    if not found:
-        problem.custom_optimizer_step()
+_WARNED: dict[str, bool] = {}

@@ -45,8 +45,9 @@ from torch import Tensor
 from torch.func import vmap
 
 from betty.errors import ConfigError, TrainingError
-from betty.problems.iterative import IterativeProblem, Slot, _detach, _mark_stepped
-from betty.problems.problem import Problem
+from betty.problems.iterative import IterativeProblem
+from betty.problems.pipeline import Clip
+from betty.problems.window import FunctionalUpdate
 
 if TYPE_CHECKING:
     from betty.engine import Engine
@@ -92,7 +93,6 @@ class TaskBatchedProblem(IterativeProblem):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._buffer_slots: list[list[Slot]] = []
         self._task_buffers: list[Tensor] | None = None
         self._tasks = 0
 
@@ -123,65 +123,63 @@ class TaskBatchedProblem(IterativeProblem):
                 f"problem '{self.name}' is a TaskBatchedProblem with lower problems "
                 f"{[p.name for p in self.children]}; it can only be a lower level"
             )
-        assert self.module is not None
-        slots: dict[int, list[Slot]] = {}
-        for full, buf in self.module.named_buffers(remove_duplicate=False):
-            owner, _, leaf = full.rpartition(".")
-            slots.setdefault(id(buf), []).append((self.module.get_submodule(owner), leaf))
-        self._buffer_slots = [slots[id(b)] for b in self._buffer_real]
 
-    # -- window: per-task copies ---------------------------------------------------------
-    def _open_functional_state(self) -> None:
-        # T is known from the first batch only: `_descend` starts the tasks
-        self._end_previous_window()
+    def _make_clip(self) -> Clip:
+        return Clip(self.config.gradient_clipping, per_task=True)
 
-    def _begin_window(self) -> None:
-        self._open_functional_state()  # no roll-back snapshot: every window starts afresh
-
-    def _end_previous_window(self) -> None:
-        self._w = self._fstate = self._acc = self._task_buffers = None
-
-    def roll_back_step(self) -> bool:
-        return False
-
-    def _settle(self) -> None:
-        """Keep the adapted tasks after training (the module never holds them)."""
+    def _window_is_module(self) -> bool:
+        return False  # per-task copies: the module keeps its own parameters
 
     def _restarts_windows(self) -> bool:
         return True  # None from initial_parameters() means this problem's own module
 
+    # -- window: per-task copies ---------------------------------------------------------
+    def _open_window(self) -> None:
+        self._close_window()  # T is known from the first batch only: _resume_window starts
+
+    def _close_window(self) -> None:
+        assert self._window is not None
+        self._window.close()
+        self._task_buffers = None
+
+    def _resume_window(self, batch: Any) -> None:
+        assert self._window is not None
+        if not self._window.open:
+            self._start(count_tasks(self.name, batch))
+
     def _start(self, tasks: int) -> None:
         """Window start: T copies of the initial values (a view of them: differentiable)."""
-        params, buffers = self._initial_values()
+        window = self._window
+        assert window is not None
+        params, buffers = self.initial_values()
         self._tasks = tasks
-        self._w = [p.unsqueeze(0).expand(tasks, *p.shape) for p in params]
+        w = [p.unsqueeze(0).expand(tasks, *p.shape) for p in params]
         self._task_buffers = [
             (own if b is None else b).detach().unsqueeze(0).expand(tasks, *own.shape).clone()
-            for b, own in zip(buffers, self._buffer_real)]
-        self._fstate = self._fresh_state(self._w)
+            for b, own in zip(buffers, window.buffers)]
+        window.start(w, window.fresh_state(w))
 
     @contextmanager
     def _task_slots(self, params: Sequence[Tensor], buffers: Sequence[Tensor]
                     ) -> Iterator[None]:
         """The module holds one task's tensors (inside vmap) and its own ones afterwards."""
-        self._swap_in(list(params))
-        self._swap_buffers(buffers)
+        window = self._window
+        assert window is not None
+        window.swap_in(params)
+        window.swap_buffers(buffers)
         try:
             yield
         finally:
-            self._swap_in(self._real)
-            self._swap_buffers(self._buffer_real)
-
-    def _swap_buffers(self, buffers: Sequence[Tensor]) -> None:
-        for slots, tensor in zip(self._buffer_slots, buffers):
-            for module, name in slots:
-                module._buffers[name] = tensor
+            window.swap_in(window.real)
+            window.swap_buffers(window.buffers)
 
     # -- one vectorised local step -------------------------------------------------------
-    def _task_gradients(self, batch: Any, differentiable: bool
-                        ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    def _window_gradients(self, batch: Any, create_graph: bool
+                          ) -> tuple[list[Tensor | None], dict[str, Any]]:
         """Per-task gradients ``[T, ...]`` and per-task logged values averaged over tasks."""
-        assert self._w is not None and self._task_buffers is not None
+        window = self._window
+        assert window is not None and window.w is not None
+        assert self._task_buffers is not None
         if count_tasks(self.name, batch) != self._tasks:
             raise TrainingError(
                 f"problem '{self.name}': this window adapts {self._tasks} tasks but the batch "
@@ -191,15 +189,15 @@ class TaskBatchedProblem(IterativeProblem):
         # of the T task losses: the tasks share no tensor, so d(sum)/d w[t] is task t's own
         # gradient. This builds a plain autograd graph (no functorch grad levels), which is
         # both faster than vmap(grad(...)) and what reverse mode back-propagates through.
-        if differentiable:
-            w = [t if t.requires_grad else t.detach().requires_grad_() for t in self._w]
+        if create_graph:
+            w = [t if t.requires_grad else t.detach().requires_grad_() for t in window.w]
         else:
-            w = [t.detach().requires_grad_() for t in self._w]
+            w = [t.detach().requires_grad_() for t in window.w]
 
         def task_loss(params: tuple[Tensor, ...], buffers: tuple[Tensor, ...],
                       task_batch: Any) -> tuple[Tensor, Any]:
             with self._task_slots(params, buffers):
-                loss, extras = self._loss_and_dict(task_batch)
+                loss, extras = self.compute_loss(task_batch)
             if len(extras) == 1:  # only the loss: a bare tensor is cheaper for vmap's pytrees
                 return loss
             return loss, {k: v.detach() for k, v in extras.items() if isinstance(v, Tensor)}
@@ -207,65 +205,21 @@ class TaskBatchedProblem(IterativeProblem):
         with torch.enable_grad():
             out = vmap_tasks(task_loss, w, self._task_buffers, batch)
             losses, logged = (out, out.detach()) if isinstance(out, Tensor) else out
-            grads = torch.autograd.grad(losses.sum(), w, create_graph=differentiable,
+            micro = self.config.gradient_accumulation
+            total = losses.sum() if micro == 1 else losses.sum() / micro
+            grads = torch.autograd.grad(total, w, create_graph=create_graph,
                                         allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(w, grads)]
-        # Several processes: NO all-reduce here (unlike IterativeProblem._grads). Each rank
-        # adapts its own tasks, so row t is one task's gradient on this rank only; the
-        # upper's gradient is averaged over the ranks (docs/distributed.md, "MAML").
+        # Several processes: NO all-reduce here (unlike IterativeProblem). Each rank adapts
+        # its own tasks, so row t is one task's gradient on this rank only; the upper's
+        # gradient is averaged over the ranks (docs/distributed.md, "MAML").
         if isinstance(logged, Tensor):
-            return list(grads), {"loss": logged.mean(0)}
-        means = {k: (v if v.is_floating_point() else v.double()).mean(0)
-                 for k, v in logged.items()}
-        return list(grads), means
-
-    def _clip(self, grads: list[Tensor]) -> list[Tensor]:
-        """Per-task global-norm clipping: each task's g * min(1, c / ||g_task||)."""
-        squares = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads])
-        factor = torch.clamp(self.config.gradient_clipping / (squares.sum(0).sqrt() + 1e-6),
-                             max=1.0)
-        return [g * factor.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
-
-    def _apply(self, grads: list[Tensor], differentiable: bool) -> None:
-        assert self._w is not None and self._fstate is not None
-        w, state = self._w, self._fstate
-        first_order = self.config.first_order_updates
-        if not differentiable or first_order:
-            grads = [g.detach() for g in grads]
-        if not differentiable:
-            w, state = [t.detach() for t in w], _detach(state)
-        if self.config.gradient_clipping > 0:
-            grads = self._clip(grads)
-        self.grad_callback(grads)
-        if first_order and differentiable:
-            # first-order MAML: each update is a constant, so d w_K / d w_0 = I and the
-            # upper's gradient at the adapted weights reaches the initialisation unchanged
-            base = [t.detach() for t in w]
-            stepped, self._fstate = self._fopt.step(base, grads, _detach(state))
-            self._w = [t + (new - old) for t, new, old in zip(w, stepped, base)]
+            loss_dict = {"loss": logged.mean(0)}
         else:
-            self._w, self._fstate = self._fopt.step(w, grads, state)
-        _mark_stepped(self._fopt.optimizer)
-
-    def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
-        if self._w is None:
-            self._start(count_tasks(self.name, batch))
-        differentiable = self._differentiable_now()
-        second_order = differentiable and not self.config.first_order_updates
-        grads, loss_dict = self._task_gradients(batch, second_order)
+            loss_dict = {k: (v if v.is_floating_point() else v.double()).mean(0)
+                         for k, v in logged.items()}
         self._last_loss = loss_dict["loss"]
-        gas = self.config.gradient_accumulation
-        if gas > 1:
-            grads = [g / gas for g in grads]
-            grads = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads)]
-            self._acc = grads
-            if self._count % gas != 0:
-                return loss_dict
-            self._acc = None
-        self._apply(grads, differentiable)
-        if step_scheduler and self.scheduler is not None:
-            self.scheduler.step()
-        return loss_dict
+        return list(grads), loss_dict
 
     # -- what users call -----------------------------------------------------------------
     def adapt(self, batch: Any, *, steps: int | None = None) -> dict[str, Tensor]:
@@ -276,21 +230,27 @@ class TaskBatchedProblem(IterativeProblem):
         adapted state ``self(x)`` uses; the step count and scheduler do not move. For
         evaluation on new tasks, e.g. in ``Engine.validation``.
         """
-        self._end_previous_window()
+        assert self._local_step is not None
+        self._close_window()
         self._start(count_tasks(self.name, batch))
         differentiable = torch.is_grad_enabled()
+        update = FunctionalUpdate(self._window, differentiable=lambda: differentiable,
+                                  first_order_updates=self.config.first_order_updates,
+                                  swap=False)
         for _ in range(self.config.unroll_steps if steps is None else steps):
-            self._apply(self._task_gradients(batch, differentiable)[0], differentiable)
+            grads = self._window_gradients(batch, differentiable)[0]
+            update(grads, self._local_step.clip)
         return self.adapted_parameters()
 
     def adapted_parameters(self) -> dict[str, Tensor]:
         """Every task's current parameters by name, stacked with a leading dim T."""
-        if self._w is None:
+        window = self._window
+        if window is None or window.w is None:
             raise TrainingError(
                 f"problem '{self.name}' has no adapted parameters yet: they exist from the "
                 "first local step of a window on (or after adapt(batch))"
             )
-        return dict(zip(self._names, self._w))
+        return dict(zip(window.names, window.w))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``forward`` of each task's adapted model on that task's inputs (vmapped over the
@@ -309,9 +269,3 @@ class TaskBatchedProblem(IterativeProblem):
                 return self.forward(*inputs[0], **inputs[1])
 
         return vmap_tasks(task_forward, params, self._task_buffers, (args, kwargs))
-
-    def hop_loss(self) -> Tensor:
-        return Problem.hop_loss(self)  # the module's slots always hold its own parameters
-
-    def state_dict(self) -> dict[str, Any]:
-        return Problem.state_dict(self)  # the optimizer's own state is untouched by windows

@@ -1,0 +1,148 @@
+"""The gradient of one local step: the problem's own plus the hypergradient of every path.
+
+Written once for every kind of problem. For an upper ``U`` with paths ``[U, L1, ..., U]``,
+one backward of ``U``'s loss gives both ``dL_U/dw_U`` (direct) and, per path, the head
+``dL_U/dw_L1``; `betty.hypergradient.chain` carries each head down the path and back up
+(`docs/math.md#chaining`). In reverse mode (``Config(first_order=False)``) the lowers'
+unrolled updates are in the loss's graph and autograd covers them: no implicit path runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from betty.errors import HypergradientError, TrainingError
+from betty.hypergradient.chain import path_hypergradient
+
+Grads = list[Tensor | None]
+
+
+class PathGradients:
+    """Direct gradient + hypergradients of one problem (``owner``) at each local step."""
+
+    def __init__(self, owner: Any, strategy: Any, diagnostics: Any) -> None:
+        self.owner = owner
+        self.strategy = strategy
+        self.diagnostics = diagnostics
+        self.seen = False  # a hypergradient reached this problem at least once
+
+    @property
+    def implicit_paths(self) -> list[list[Any]]:
+        return self.owner.paths if self.owner.config.first_order else []
+
+    def __call__(self, loss: Tensor, wrt: Sequence[Tensor], *, create_graph: bool = False,
+                 retain_graph: bool = False) -> Grads:
+        """Gradients of ``loss`` w.r.t. ``wrt`` (the problem's parameters, or the functional
+        parameters of its window) plus every path's hypergradient, averaged over ranks."""
+        owner, strategy = self.owner, self.strategy
+        if not loss.requires_grad:
+            raise TrainingError(
+                f"problem '{owner.name}': the loss does not depend on any parameter that "
+                "requires grad; training_step must use this problem's module"
+            )
+        reached = False
+        if owner.paths and not owner.config.first_order and not self.seen:
+            reached = reverse_paths_reach(owner.paths, loss, wrt)
+        paths = self.implicit_paths
+        if not owner.paths and strategy.world_size == 1 and not create_graph:
+            return self._direct_only(loss, wrt, retain_graph)
+        direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph, retain_graph)
+        if strategy.world_size > 1:  # several processes: one all-reduce for all heads
+            heads = strategy.average_nested(heads)
+        if self.diagnostics is not None and owner.paths:  # EngineConfig.diagnostics
+            self.diagnostics.record_norm(owner.name, "direct_norm", direct)
+        total = direct
+        for path, head in zip(paths, heads):
+            hyper = path_hypergradient(path, head)
+            if hyper is None:
+                continue
+            reached = True
+            total = [h if d is None else d + h for d, h in zip(total, hyper)]
+        if owner.paths and not reached and not self.seen:
+            names = [" -> ".join(p.name for p in path) for path in owner.paths]
+            raise HypergradientError(
+                f"problem '{owner.name}': every hypergradient path ({names}) carries nothing: "
+                f"the loss of '{owner.name}' does not use the parameters of the lower "
+                "problems on its paths, or those problems' losses do not use the parameters "
+                f"of '{owner.name}'. Fix training_step or dependencies['u2l']"
+            )
+        self.seen = self.seen or reached
+        if strategy.world_size > 1:
+            # one all-reduce of direct + hypergradients; inside the graph in reverse mode, so
+            # back-propagation through the update averages the upper's gradients too
+            if create_graph:
+                return strategy.all_average(total, differentiable=True)
+            return strategy.average_optional(total)
+        return total
+
+    def _direct_only(self, loss: Tensor, wrt: Sequence[Tensor], retain: bool) -> Grads:
+        grads = list(torch.autograd.grad(loss, list(wrt), retain_graph=retain,
+                                         allow_unused=True))
+        self._check_used(grads)
+        return grads
+
+    def _direct_and_heads(self, loss: Tensor, wrt: Sequence[Tensor], paths: list[list[Any]],
+                          create_graph: bool, retain: bool) -> tuple[Grads, list[Grads]]:
+        """One backward for the direct gradient and every path's first vector (two when the
+        direct part must stay differentiable: the heads never need a graph)."""
+        heads = [path[1].parameter_list() for path in paths]
+        if create_graph:
+            flat = [p for head in heads for p in head]
+            got = iter(torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+                       if flat else ())
+            head_grads = [[next(got) for _ in head] for head in heads]
+            direct = list(torch.autograd.grad(loss, list(wrt), create_graph=True,
+                                              allow_unused=True, materialize_grads=True))
+            return direct, head_grads
+        inputs: list[Tensor] = list(wrt)
+        index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)} if heads else {}
+        for head in heads:
+            for p in head:
+                if id(p) not in index:
+                    index[id(p)] = len(inputs)
+                    inputs.append(p)
+        grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        direct = list(grads[: len(wrt)])
+        self._check_used(direct)
+        return direct, [[grads[index[id(p)]] for p in head] for head in heads]
+
+    def _check_used(self, direct: Grads) -> None:
+        if self.owner.config.allow_unused or all(g is not None for g in direct):
+            return
+        unused = [i for i, g in enumerate(direct) if g is None]
+        raise TrainingError(
+            f"problem '{self.owner.name}': parameters {unused} of trainable_parameters() are "
+            "not used by the loss and Config.allow_unused=False; use them or set "
+            "allow_unused=True"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hypergradient_seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = bool(state["hypergradient_seen"])
+
+
+def reverse_paths_reach(paths: list[list[Any]], loss: Tensor, params: Sequence[Tensor]
+                        ) -> bool:
+    """Reverse mode, checked once: does the loss reach ``params`` through the unrolled
+    window of a lower on a path (not only directly)?"""
+    for path in paths:
+        # a window tensor may be a constant (e.g. a head that initial_parameters() fixes)
+        window = [w for w in path[1].window_parameters() or [] if w.requires_grad]
+        if not window:
+            continue
+        v = torch.autograd.grad(loss, window, retain_graph=True, allow_unused=True)
+        pairs = [(w, g) for w, g in zip(window, v) if g is not None]
+        if not pairs:
+            continue
+        back = torch.autograd.grad([w for w, _ in pairs], list(params),
+                                   grad_outputs=[g for _, g in pairs],
+                                   retain_graph=True, allow_unused=True)
+        if any(b is not None for b in back):
+            return True
+    return False

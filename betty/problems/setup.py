@@ -1,0 +1,82 @@
+"""Set-up checks of one problem, run by `Problem.initialize` before any training.
+
+Each check raises with the problem's name and what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from betty.errors import ConfigError, ProblemDefinitionError
+
+
+def given(from_hook: Any, from_constructor: Any) -> Any:
+    """A ``configure_*`` hook's non-None return value wins over the constructor argument."""
+    return from_hook if from_hook is not None else from_constructor
+
+
+def check_reverse_only_fields(problem: Any) -> None:
+    """``truncation_steps`` and ``first_order_updates`` act only on differentiable updates."""
+    config = problem.config
+    fields = [f"{f}={getattr(config, f)!r}" for f in ("truncation_steps", "first_order_updates")
+              if getattr(config, f)]
+    if fields and not problem.supports_reverse_mode:
+        raise ConfigError(
+            f"problem '{problem.name}' is a {type(problem).__name__}, but its Config sets "
+            f"{', '.join(fields)}, which only act on the differentiable updates of "
+            "an IterativeProblem or TaskBatchedProblem; remove them or change the class"
+        )
+
+
+def check_module(problem: Any) -> None:
+    if not isinstance(problem.module, torch.nn.Module):
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}' has no module; pass module=... or define "
+            "configure_module()"
+        )
+
+
+def check_optimizer(problem: Any) -> None:
+    if problem.optimizer is None and problem.trainable_parameters():
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}' has no optimizer; pass optimizer=... or define "
+            "configure_optimizer()"
+        )
+
+
+def check_meta_trainable(problem: Any, overridden: bool) -> None:
+    """The original's ``meta_trainable_parameters``: betty differentiates through
+    ``trainable_parameters``; an override naming other tensors would be silently ignored."""
+    if not overridden:
+        return
+    meta = {id(p) for p in problem.meta_trainable_parameters()}
+    if meta != {id(p) for p in problem.trainable_parameters()}:
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}' overrides meta_trainable_parameters() with tensors "
+            "other than trainable_parameters(); betty differentiates hypergradients through "
+            "trainable_parameters() (the parameters its optimizer steps): override that "
+            "instead, or make a separate problem for the other parameters"
+        )
+
+
+def check_sama_optimizer(problem: Any, problems: list[Any]) -> None:
+    """Config.type='sama' needs P = du/dg of the problem's optimizer: fail before training if
+    an upper differentiates through this problem and no rule knows its optimizer."""
+    if problem.config.type != "sama" or problem.optimizer is None:
+        return
+    uppers = [u.name for u in problems if u.config.first_order
+              and any(problem in path[1:-1] for path in u.paths)]
+    if not uppers:
+        return
+    from betty.optim import find_rule
+
+    try:
+        find_rule(problem.optimizer)
+    except TypeError as err:
+        raise ConfigError(
+            f"problem '{problem.name}' has Config(type='sama'), which needs the update "
+            f"Jacobian of its optimizer (problems {uppers} differentiate through it): "
+            f"{err} Config.type darts, neumann and cg work with any optimizer."
+        ) from None
