@@ -1,11 +1,12 @@
 """Accuracy against cost: each hypergradient method's error as a function of its setting.
 
-Ridge regression (MATH.md): ``L(w, lam) = 1/2 ||X w - y||^2 / n + 1/2 sum_i lam_i w_i^2``, so
-``H = X^T X / n + diag(lam)``, ``w* = H^-1 X^T y / n`` and, for an outer loss with gradient
-``g`` at ``w*``, the exact hypergradient is ``-w* * (H^-1 g)``. X has prescribed singular
-values (condition number of H about ``--condition``), so the iterative solvers have something
-to converge. Every number comes from the library's own code path: a `betty.hypergradient.Hop`
-over the ridge loss and the functions `cg`, `neumann`, `darts`, `sama` with a `Config`.
+Ridge regression (docs/math.md#ridge): ``L(w, lam) = 1/2 ||X w - y||^2 / n + 1/2 sum_i lam_i
+w_i^2``, so ``H = X^T X / n + diag(lam)``, ``w* = H^-1 X^T y / n`` and, for an outer loss
+with gradient ``g`` at ``w*``, the exact hypergradient is ``-w* * (H^-1 g)``. X has prescribed
+singular values (condition number of H about ``--condition``), so the iterative solvers have
+something to converge. Every number comes from the library's own code path: a
+`betty.hypergradient.Hop` over the ridge loss and the functions `cg`, `neumann`, `darts`,
+`sama`, `nystrom` with a `Config`.
 
 Tables (relative error ``||h - h*|| / ||h*||`` and cosine to the exact ``h*``):
 
@@ -19,7 +20,14 @@ Tables (relative error ``||h - h*|| / ||h*||`` and cosine to the exact ``h*``):
    has no truncation error here: what varies with the radius is round-off;
 4. the same radius sweep on a loss that is not quadratic in w (per-sample weights
    ``sigmoid(lam_i)`` on logistic losses), against ``-M v`` by double backward: truncation
-   error grows like radius^2 and round-off like 1/radius.
+   error grows like radius^2 and round-off like 1/radius;
+5. nystrom against its rank k (k Hessian-vector products) and damping rho, on the ridge
+   above (a spread spectrum) and on a spiked ridge (a few large eigenvalues over a flat bulk,
+   the low-rank shape the method assumes);
+6. cg, neumann and nystrom at equal numbers of Hessian-vector products, with time per hop,
+   on both;
+7. reinforce on Bernoulli samples (not ridge): the root-mean-square error of the hop against
+   the closed form over many batches, against the batch size N, with and without baseline.
 
     python benchmarks/accuracy_study.py
     python benchmarks/accuracy_study.py --dim 50 --condition 1e4 --samples 500
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,7 +45,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from betty.configs import Config
-from betty.hypergradient import Hop, cg, darts, neumann, sama
+from betty.hypergradient import (
+    Hop,
+    cg,
+    darts,
+    neumann,
+    nystrom,
+    reinforce,
+    sama,
+    score_function_loss,
+)
 from betty.optim import update_jacobian_diag
 
 Vector = list[Tensor]
@@ -46,13 +64,19 @@ Vector = list[Tensor]
 class Ridge:
     """Inner ridge loss and outer least squares, in float64, with their closed forms."""
 
-    def __init__(self, dim: int, samples: int, condition: float, seed: int) -> None:
+    def __init__(self, dim: int, samples: int, condition: float, seed: int, spike: int = 0
+                 ) -> None:
         gen = torch.Generator().manual_seed(seed)
         d = torch.float64
         q1, _ = torch.linalg.qr(torch.randn(samples, dim, generator=gen, dtype=d))
         q2, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=d))
-        # X^T X / n has eigenvalues s^2 in [1 / condition, 1]; lam adds a little
+        # X^T X / n has eigenvalues s^2 in [1 / condition, 1]; lam adds a little. spike > 0:
+        # ``spike`` eigenvalues in [0.1, 1] and the rest at 1 / condition (a low-rank H plus
+        # a flat bulk, the shape Nystrom assumes)
         s = torch.logspace(0, -0.5 * math.log10(condition), dim, dtype=d)
+        if spike:
+            s = torch.cat([torch.logspace(0, -0.5, spike, dtype=d),
+                           torch.full((dim - spike,), condition**-0.5, dtype=d)])
         self.x = math.sqrt(samples) * q1 @ torch.diag(s) @ q2.T
         self.y = self.x @ torch.randn(dim, generator=gen, dtype=d) + torch.randn(
             samples, generator=gen, dtype=d)
@@ -207,6 +231,80 @@ def nonquadratic_table(radii: Sequence[float], seed: int) -> str:
                   "rel. error fp32"], rows)
 
 
+def nystrom_table(problem: Ridge, ranks: Sequence[int], rhos: Sequence[float]) -> str:
+    """nystrom against its rank k (k Hessian-vector products) and damping rho, fixed seed."""
+    rows = []
+    for k in ranks:
+        row: list[object] = [k]
+        for rho in rhos:
+            config = Config(type="nystrom", nystrom_rank=k, nystrom_rho=rho, nystrom_seed=0)
+            row.append(sci(rel_err(hop_result(problem, nystrom, config), problem.exact)))
+        rows.append(row)
+    return table(["nystrom_rank k"] + [f"rho = {rho:g}" for rho in rhos], rows)
+
+
+def milliseconds(problem: Ridge, method: Callable, config: Config, repeats: int = 7) -> float:
+    """Fastest of ``repeats`` wall times of one hop (gradient graph, solve, mixed product):
+    the minimum, as other processes on a shared machine only ever add time."""
+    hop_result(problem, method, config)  # warm-up: first calls pay for lazy set-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hop_result(problem, method, config)
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def budget_table(problem: Ridge, budgets: Sequence[int], rho: float) -> str:
+    """cg, neumann (alpha = 0.95 * 2 / lambda_max) and nystrom (rank k, damping rho) at the
+    same number of Hessian-vector products; error against the exact hypergradient, and time."""
+    alpha = 0.95 * 2 / problem.lambda_max
+    rows = []
+    for k in budgets:
+        for name, method, config in (
+                ("cg", cg, Config(type="cg", cg_iterations=k)),
+                ("neumann", neumann, Config(type="neumann", neumann_iterations=k,
+                                            neumann_alpha=alpha)),
+                ("nystrom", nystrom, Config(type="nystrom", nystrom_rank=k, nystrom_rho=rho,
+                                            nystrom_seed=0))):
+            h = hop_result(problem, method, config)
+            rows.append((k, name, sci(rel_err(h, problem.exact)), f"{cosine(h, problem.exact):.4f}",
+                         f"{milliseconds(problem, method, config):.2f}"))
+    return table(["HVPs", "method", "rel. error", "cosine", "ms / hop"], rows)
+
+
+def reinforce_table(sizes: Sequence[int], repeats: int, seed: int) -> str:
+    """REINFORCE on Bernoulli(sigmoid(phi)) samples, L(w, s) = 1/2 (w - a_s)^2 (a = 4, 5):
+    root-mean-square error of the hop over ``repeats`` batches against the closed form
+    sigmoid'(phi) (a_1 - a_0) v, with and without the leave-one-out baseline."""
+    phi, w0, v, a = 0.4, 0.3, 1.5, (4.0, 5.0)
+    sig = 1 / (1 + math.exp(-phi))
+    exact = sig * (1 - sig) * (a[1] - a[0]) * v
+    rows = []
+    for n in sizes:
+        row: list[object] = [n]
+        for baseline in ("none", "leave_one_out"):
+            squared = 0.0
+            for r in range(repeats):
+                gen = torch.Generator().manual_seed(seed * 100003 + 1000 * n + r)
+                samples = (torch.rand(n, generator=gen, dtype=torch.float64) < sig).double()
+                target = torch.where(samples > 0, a[1], a[0])
+                phi_t = torch.tensor([phi], dtype=torch.float64, requires_grad=True)
+                w = torch.tensor([w0], dtype=torch.float64, requires_grad=True)
+                log_prob = samples * F.logsigmoid(phi_t) + (1 - samples) * F.logsigmoid(-phi_t)
+                hop = Hop([w], [phi_t], lambda w=w, t=target, lp=log_prob, b=baseline:
+                          score_function_loss(0.5 * (w - t) ** 2, lp, b))
+                with hop:
+                    (out,) = reinforce(hop, [torch.tensor([v], dtype=torch.float64)],
+                                       Config(type="reinforce"))
+                squared += (float(out) - exact) ** 2
+            rms = math.sqrt(squared / repeats)
+            row += [sci(rms), f"{rms * math.sqrt(n):.3f}"]
+        rows.append(row)
+    return table(["samples N", "RMS error, no baseline", "x sqrt(N)",
+                  "RMS error, leave-one-out", "x sqrt(N)"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=20)
@@ -222,6 +320,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sgd-lr", type=float, default=0.1)
     parser.add_argument("--adam-steps", type=int, default=500)
     parser.add_argument("--adam-lr", type=float, default=0.01)
+    parser.add_argument("--nystrom-ranks", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20])
+    parser.add_argument("--nystrom-rhos", type=float, nargs="+",
+                        default=[1.0, 1e-1, 1e-2, 1e-3, 1e-4])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--spike", type=int, default=5,
+                        help="large eigenvalues of the second (spiked) ridge in tables 5-6")
+    parser.add_argument("--budget-rho", type=float, default=1e-3,
+                        help="nystrom's rho in the equal-budget table")
+    parser.add_argument("--reinforce-sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--reinforce-repeats", type=int, default=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     problem = Ridge(args.dim, args.samples, args.condition, args.seed)
@@ -240,6 +348,20 @@ def main(argv: list[str] | None = None) -> None:
     print("\n### 4. darts radius on a loss not quadratic in w (per-sample weights on logistic "
           "losses), against -M v by double backward\n")
     print(nonquadratic_table(args.radii, args.seed))
+    spiked = Ridge(args.dim, args.samples, args.condition, args.seed, spike=args.spike)
+    problems = {"the ridge above": problem,
+                f"a spiked ridge ({args.spike} eigenvalues of X^T X / n in [0.1, 1], the "
+                f"other {args.dim - args.spike} at {1 / args.condition:g}; H eigenvalues in "
+                f"[{spiked.lambda_min:.3g}, {spiked.lambda_max:.3g}])": spiked}
+    for part, (name, p) in zip("ab", problems.items()):
+        print(f"\n### 5{part}. nystrom against rank and rho (nystrom_seed 0), {name}\n")
+        print(nystrom_table(p, args.nystrom_ranks, args.nystrom_rhos))
+    for part, (name, p) in zip("ab", problems.items()):
+        print(f"\n### 6{part}. equal budgets of Hessian-vector products (nystrom rho "
+              f"{args.budget_rho:g}, neumann alpha 0.95 * 2/lambda_max), {name}\n")
+        print(budget_table(p, args.budgets, args.budget_rho))
+    print(f"\n### 7. reinforce on Bernoulli samples, {args.reinforce_repeats} batches per N\n")
+    print(reinforce_table(args.reinforce_sizes, args.reinforce_repeats, args.seed))
 
 
 if __name__ == "__main__":
