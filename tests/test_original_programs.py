@@ -46,18 +46,6 @@ takes_device = pytest.mark.xfail(
     strict=True, reason="Problem(..., device=...) (the original's argument) is not accepted")
 
 
-@pytest.fixture
-def fresh_logging(monkeypatch):
-    """Logging as in a fresh interpreter: no handler anywhere, no level on ``betty``."""
-    logger = logging.getLogger("betty")
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
-    monkeypatch.setattr(logger, "handlers", [])
-    monkeypatch.setattr(logger, "level", logging.NOTSET)
-    logger.manager._clear_cache()
-    yield
-    logger.manager._clear_cache()
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
@@ -68,11 +56,19 @@ def _one_thread():
 
 @pytest.fixture
 def run(monkeypatch, tmp_path):
-    """``run(program, *argv, iters=N, valid=M)``: the program's globals after it ran."""
+    """``run(program, *argv, iters=N, valid=M)``: the program's globals after it ran.
+    ``fresh_logging=True``: the ``betty`` logger as in a fresh interpreter (no handler, no
+    level, pytest's capture cut off), to see what an unchanged program prints."""
 
     def go(program: str, *argv: str, iters: int, valid: int | None = None,
-           seed: int = 0) -> dict[str, Any]:
+           seed: int = 0, fresh_logging: bool = False) -> dict[str, Any]:
         path = HERE / program
+        if fresh_logging:
+            logger = logging.getLogger("betty")
+            monkeypatch.setattr(logger, "propagate", False)
+            monkeypatch.setattr(logger, "handlers", [])
+            monkeypatch.setattr(logger, "level", logging.NOTSET)
+            logger.manager._clear_cache()
         def capped(config: Any) -> None:  # the harness's only hold on the program
             config.train_iters = min(config.train_iters, iters)
             if valid is not None:
@@ -134,10 +130,10 @@ def hpo_reference(g: dict[str, Any], reverse: bool) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, fresh_logging,
-                                                                      capsys):
+def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, capsys):
     with pytest.warns(DeprecationWarning, match="HigherIterativeProblem .* IterativeProblem"):
-        g = run("logistic_regression_hpo/logistic_regression.py", iters=100)
+        g = run("logistic_regression_hpo/logistic_regression.py", iters=100,
+                fresh_logging=True)
     engine = g["engine"]
     assert isinstance(engine.inner, IterativeProblem)
     assert (engine.inner.count, engine.outer.count) == (100, 1)
@@ -210,3 +206,42 @@ def test_learning_to_reweight_meta_iterative_problem(run):
     assert isinstance(engine.inner, IterativeProblem)
     assert (engine.inner.count, engine.outer.count) == (3, 3)
     assert 0 <= g["best_acc"] <= 100
+
+
+# -- iMAML: a betty.envs.Env draws the tasks ------------------------------------------------
+@pytest.mark.slow
+@takes_device
+@pytest.mark.xfail(strict=False, reason="a user's Engine.train_step that calls leaf.step() "
+                   "does not step the uppers (the original's Problem.step does)")
+def test_implicit_maml_with_env(run):
+    argv = ("--n_way", "3", "--k_spt", "1", "--k_qry", "2", "--inner_steps", "2",
+            "--task_num", "2")
+    start = run("implicit_maml/main.py", *argv, iters=0)["engine"]
+    g = run("implicit_maml/main.py", *argv, iters=4, valid=4)
+    engine = g["engine"]
+    assert [engine.inner_0.count, engine.inner_1.count, engine.outer.count] == [4, 4, 2]
+    assert g["db"].draws == 2  # env.step() at global steps 1 and 3: one draw per window
+    assert engine.inner_0.env is g["env"] and engine.outer.env is g["env"]
+    assert 0 <= engine.best_acc <= 100
+    # Adam (lr 1e-3) moved every meta-parameter by at most 2 steps' worth
+    moved = (flat(engine.outer.module) - flat(start.outer.module)).abs()
+    assert 0.99e-3 <= moved.max().item() <= 2e-3 * 1.01
+
+
+# -- tutorials -----------------------------------------------------------------------------
+@pytest.mark.slow
+@takes_device
+def test_tutorial_logging_prints_by_default(run, capsys):
+    g = run("tutorial/3_logging.py", iters=100, valid=100, fresh_logging=True)
+    engine = g["engine"]
+    assert (engine.classifier.count, engine.reweight.count) == (100, 100)
+    with torch.no_grad():  # the one validation, recomputed
+        right = sum((engine.classifier(x).argmax(1) == y).sum().item()
+                    for x, y in g["valid_dataloader"])
+    assert engine.best_acc == pytest.approx(100 * right / len(g["valid_dataset"]))
+    out = capsys.readouterr().out
+    stamp = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] "
+    (reweight,) = re.findall(stamp + r"step +100 \| reweight +\| loss=\S+ +acc=\S+", out, re.M)
+    (valid,) = re.findall(stamp + r"step +100 \| validation \| acc=(\S+) +best_acc=\S+", out,
+                          re.M)
+    assert float(valid) == pytest.approx(engine.best_acc, rel=1e-5)
