@@ -1,0 +1,120 @@
+"""Activation checkpointing inside the user's module (``torch.utils.checkpoint``,
+non-reentrant) under every hypergradient method, float64.
+
+The program is a small Meta-Weight-Net: a classifier 4-8-8-8-3 (tanh) whose middle two layers
+may run as one checkpointed segment, trained on a loss weighted by a weight net 1-8-1; the
+weight net is trained on a meta batch through the hypergradient. Reference: the same program,
+same seeds, without checkpointing. Checkpointing only changes when activations are computed
+(recomputed during backward, double backward included), so every hypergradient the upper
+receives over three outer steps agrees to 1e-10, and so do the classifier's final weights.
+
+Reverse mode (an IterativeProblem lower) does not agree yet: see the xfail below.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from betty import Engine
+from betty.configs import Config, EngineConfig
+from betty.problems import ImplicitProblem, IterativeProblem
+
+DTYPE = torch.float64
+
+
+class Classifier(nn.Module):
+    def __init__(self, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.stem = nn.Linear(4, 8)
+        self.segment = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.stem(x))
+        if self.use_checkpoint:
+            h = checkpoint(self.segment, h, use_reentrant=False)
+        else:
+            h = self.segment(h)
+        return self.head(h)
+
+
+def lower_loss(problem, batch):
+    x, y = batch
+    losses = F.cross_entropy(problem.module(x), y, reduction="none")
+    weights = problem.reweight.module(losses.detach().unsqueeze(1)).squeeze(1)
+    return (weights * losses).mean()
+
+
+class Lower(ImplicitProblem):
+    training_step = lower_loss
+
+
+class UnrolledLower(IterativeProblem):
+    training_step = lower_loss
+
+
+class Reweight(ImplicitProblem):
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.lower.module(x), y)
+
+    def grad_callback(self, grads):
+        self.seen.append([g.detach().clone() for g in grads])
+
+
+METHODS = {
+    "darts": Config(type="darts"),
+    "sama": Config(type="sama"),
+    "neumann": Config(type="neumann", neumann_iterations=3, neumann_alpha=0.1),
+    "cg": Config(type="cg", cg_iterations=3),
+    "reverse": Config(unroll_steps=2),
+}
+
+
+def run(method: str, use_checkpoint: bool) -> tuple[list[list[Tensor]], list[Tensor]]:
+    torch.manual_seed(0)
+    clf = Classifier(use_checkpoint).to(DTYPE)
+    wnet = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid()).to(DTYPE)
+    gen = torch.Generator().manual_seed(1)
+    train = [(torch.randn(16, 4, generator=gen, dtype=DTYPE),
+              torch.randint(0, 3, (16,), generator=gen)) for _ in range(2)]
+    meta = [(torch.randn(16, 4, generator=gen, dtype=DTYPE),
+             torch.randint(0, 3, (16,), generator=gen))]
+    cls = UnrolledLower if method == "reverse" else Lower
+    lower = cls("lower", METHODS[method], clf,
+                torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9), train_data_loader=train)
+    upper = Reweight("reweight", Config(first_order=method != "reverse"), wnet,
+                     torch.optim.Adam(wnet.parameters(), lr=0.01), train_data_loader=meta)
+    upper.seen = []
+    steps = 3 * METHODS[method].unroll_steps
+    Engine([upper, lower], EngineConfig(train_iters=steps, progress_bar=False),
+           {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
+    return upper.seen, [p.detach().clone() for p in clf.parameters()]
+
+
+REVERSE_RECOMPUTES_WITH_LATER_WEIGHTS = pytest.mark.xfail(
+    strict=True, reason="IterativeProblem reassigns the module's parameter slots at every step, "
+    "and non-reentrant checkpointing recomputes the segment during the upper's backward with "
+    "whatever the slots hold then (the window's last weights), not the weights of the step "
+    "being differentiated")
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=REVERSE_RECOMPUTES_WITH_LATER_WEIGHTS) if m == "reverse" else m
+    for m in METHODS])
+def test_checkpointed_module_gives_the_same_hypergradient(method):
+    plain_seen, plain_weights = run(method, use_checkpoint=False)
+    ckpt_seen, ckpt_weights = run(method, use_checkpoint=True)
+    assert len(plain_seen) == len(ckpt_seen) == 3
+    for plain, ckpt in zip(plain_seen, ckpt_seen):
+        flat_plain, flat_ckpt = torch.cat([g.reshape(-1) for g in plain]), \
+            torch.cat([g.reshape(-1) for g in ckpt])
+        assert flat_plain.abs().sum() > 0
+        assert (flat_ckpt - flat_plain).norm() <= 1e-10 * flat_plain.norm()
+    for a, b in zip(plain_weights, ckpt_weights):
+        assert (a - b).abs().max() <= 1e-10 * (1 + a.abs().max())
