@@ -245,3 +245,43 @@ def test_tutorial_logging_prints_by_default(run, capsys):
     (valid,) = re.findall(stamp + r"step +100 \| validation \| acc=(\S+) +best_acc=\S+", out,
                           re.M)
     assert float(valid) == pytest.approx(engine.best_acc, rel=1e-5)
+
+
+# -- ImageNet pruning: self._global_step, self.inner.device, two shuffled loaders ---------
+@pytest.mark.slow
+def test_imagenet_pruning(run, tmp_path):
+    classes = HERE / "imagenet_pruning" / "metadata" / "imagenet_classes.json"
+    g = run("imagenet_pruning/main.py", "--layers", "18", "--batch_size", "4", "--epochs", "2",
+            "--num_workers", "0", "--unroll_step", "2", "--log_step", "2",
+            "--imagenet-classes", str(classes), "--checkpoint_directory", str(tmp_path / "ck"),
+            iters=8)
+    engine = g["engine"]
+    assert (g["epoch_iter"], g["total_iter"]) == (4, 8)
+    assert (engine.inner.count, engine.outer.count) == (8, 4)
+    # the inner's training_step passes self._global_step to the meta net: the global step of
+    # each inner step (1..8), then of the darts probes (two evaluations at each outer step)
+    steps = g["meta_model"].global_steps
+    assert steps[:2] == [1, 2] and sorted(set(steps)) == list(range(1, 9))
+    assert engine.inner.device == torch.device("cpu")
+    saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert saved == ["cls_4.pt", "cls_8.pt", "mwn_4.pt", "mwn_8.pt"]  # validation each epoch
+    assert 0 <= engine.best_acc <= 100
+
+
+# -- DARTS architecture search (roll_back=True) --------------------------------------------
+@pytest.mark.slow
+@takes_device
+def test_darts_architecture_search(run):
+    argv = ("--batchsz", "8", "--epochs", "1", "--init_ch", "4", "--layers", "1",
+            "--arch_steps", "2")
+    start = run("neural_architecture_search/train_search.py", *argv, iters=0)["engine"]
+    g = run("neural_architecture_search/train_search.py", *argv, iters=10)
+    engine = g["engine"]
+    assert g["train_iters"] == 1 * (64 * 0.5 // 8 + 1) == 5  # the program's own schedule
+    assert (engine.classifier.count, engine.arch.count) == (5, 5)
+    # Adam at lr 3e-4 with betas (0.5, 0.999): at most ~lr per step on each weight
+    moved = (flat(engine.arch.module) - flat(start.arch.module)).abs()
+    assert 0.9 * 3e-4 <= moved.max().item() <= 5 * 3e-4 * 1.1
+    # roll back: the window's real step replays the batch, so the network trained 5 steps
+    # with its scheduler stepped 5 times (cosine over 5)
+    assert engine.classifier.scheduler.last_epoch == 5
