@@ -13,7 +13,7 @@ Per problem and global step, logged under the problem's name:
 * ``time_ms``: wall time of the problem's local steps in this global step (on CUDA the
   device is synchronised around each step, so it is the real time, at a cost).
 
-Costs when on: a norm per gradient, ``NEUMANN_POWER_ITERATIONS`` extra Hessian-vector products
+Costs when on: a norm per gradient, ``betty.hypergradient.neumann.POWER_ITERATIONS`` extra Hessian-vector products
 per Neumann hop, and one host read of all values per global step. When off, nothing runs.
 """
 
@@ -28,8 +28,6 @@ import torch
 from torch import Tensor
 
 from betty.logging.base import to_host
-
-NEUMANN_POWER_ITERATIONS = 8
 
 Reporter = Callable[[str, Tensor], None]
 

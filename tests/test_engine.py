@@ -20,15 +20,6 @@ from betty.configs import Config, EngineConfig
 from betty.problems import ImplicitProblem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny scalar problems: extra intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScalarModule(torch.nn.Module):
     def __init__(self, init: float) -> None:
         super().__init__()

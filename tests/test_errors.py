@@ -23,15 +23,6 @@ from betty.errors import (
 )
 from betty.problems import ImplicitProblem, IterativeProblem
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 STEPS: list[str] = []  # names of problems whose training_step ran
 
 

@@ -115,14 +115,6 @@ def betty_logger():
     logger.handlers[:] = handlers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- TensorBoard ---------------------------------------------------------------------------
 def test_tensorboard_values_read_back(tmp_path):
     pytest.importorskip("tensorboard")

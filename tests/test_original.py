@@ -19,15 +19,6 @@ from betty.engine import Engine
 from betty.problems import ImplicitProblem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small dense problems: extra intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ChildNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -14,14 +14,6 @@ from betty.configs import Config, EngineConfig
 from betty.problems import ImplicitProblem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Linear(ImplicitProblem):
     """Least squares ``mean((x @ w - y)^2)`` on batches ``(x, y)``; records what it saw."""
 

@@ -29,14 +29,6 @@ def load(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_hpo_learns_per_weight_decays(tmp_path):
     hpo = load("hpo")
     result = hpo.run(**hpo.QUICK, plot=tmp_path / "hpo.png")

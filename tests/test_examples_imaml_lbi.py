@@ -42,14 +42,6 @@ def lbi():
     return load("lbi_example", "learning_by_ignoring/main.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_imaml_quick_meta_learns(imaml, tmp_path, capsys):
     plot = tmp_path / "imaml.png"
     result = imaml.main(["--quick", "--plot", str(plot)])
