@@ -1,10 +1,10 @@
 """Accuracy against cost: each hypergradient method's error as a function of its setting.
 
-Ridge regression (docs/math.md#ridge): ``L(w, lam) = 1/2 ||X w - y||^2 / n + 1/2 sum_i lam_i
-w_i^2``, so ``H = X^T X / n + diag(lam)``, ``w* = H^-1 X^T y / n`` and, for an outer loss
-with gradient ``g`` at ``w*``, the exact hypergradient is ``-w* * (H^-1 g)``. X has prescribed
-singular values (condition number of H about ``--condition``), so the iterative solvers have
-something to converge. Every number comes from the library's own code path: a
+Ridge regression (docs/math.md#ridge-regression): ``L(w, lam) = 1/2 ||X w - y||^2 / n + 1/2
+sum_i lam_i w_i^2``, so ``H = X^T X / n + diag(lam)``, ``w* = H^-1 X^T y / n`` and, for an
+outer loss with gradient ``g`` at ``w*``, the exact hypergradient is ``-w* * (H^-1 g)``. X has
+prescribed singular values (condition number of H about ``--condition``), so the iterative
+solvers have something to converge. Every number comes from the library's own code path: a
 `betty.hypergradient.Hop` over the ridge loss and the functions `cg`, `neumann`, `darts`,
 `sama`, `nystrom` with a `Config`.
 
