@@ -13,8 +13,9 @@ Per problem and global step, logged under the problem's name:
 * ``time_ms``: wall time of the problem's local steps in this global step (on CUDA the
   device is synchronised around each step, so it is the real time, at a cost).
 
-Costs when on: a norm per gradient, ``betty.hypergradient.neumann.POWER_ITERATIONS`` extra Hessian-vector products
-per Neumann hop, and one host read of all values per global step. When off, nothing runs.
+Costs when on: a norm per gradient, ``betty.hypergradient.neumann.POWER_ITERATIONS`` extra
+Hessian-vector products per Neumann hop, and one host read of all values per global step.
+When off, nothing runs.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
               probe_context=full_precision,
               average=None if strategy.world_size == 1 else strategy.all_average)
     hop.update_jacobian = lower.update_jacobian
+    hop.memory = lower.hop_memory(upper.name)  # warm starts: kept by the lower, checkpointed
     hop.report = report
     with hop:
         return method(hop, v, lower.config)

@@ -21,6 +21,25 @@ from betty.hypergradient.chain import path_hypergradient
 Grads = list[Tensor | None]
 
 
+def checked_loss(owner: str, out: Any, count: int) -> tuple[Tensor, dict[str, Any]]:
+    """The scalar loss of ``training_step``'s output (a tensor, or a dict with "loss") and
+    the dict to log; a clear error for anything else."""
+    loss, extras = (out.get("loss"), out) if isinstance(out, dict) else (out, None)
+    if extras is not None and "loss" not in extras:
+        raise TrainingError(
+            f"problem '{owner}': training_step returned a dict without key 'loss' (keys: "
+            f"{sorted(extras)}); put the scalar loss under 'loss'"
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TrainingError(
+            f"problem '{owner}': training_step must return a scalar loss tensor, got {shape} "
+            f"at local step {count}; reduce it, e.g. with .mean()"
+        )
+    loss = loss if loss.dim() == 0 else loss.reshape(())
+    return loss, ({"loss": loss} if extras is None else {**extras, "loss": loss})
+
+
 class PathGradients:
     """Direct gradient + hypergradients of one problem (``owner``) at each local step."""
 

@@ -15,19 +15,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from betty.configs import Config
 from betty.diagnostics import active_diagnostics
 from betty.distributed.strategy import strategy_of
 from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
 from betty.problems import setup
+from betty.problems.base import ProblemBase
 from betty.problems.data import BatchSource, move_to
-from betty.problems.gradients import PathGradients
+from betty.problems.gradients import PathGradients, checked_loss
 from betty.problems.hooks import HOOK_NAMES, BoundHooks, ProblemHooks, bind_hooks
 from betty.problems.pipeline import Clip, InPlaceUpdate, LocalStep
 from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
 from betty.problems.update_jacobian import reads_gradient, update_jacobian
-from betty.schedule import WindowClock
 
 if TYPE_CHECKING:
     from betty.engine import Engine
@@ -37,7 +36,7 @@ log = logging.getLogger("betty")
 LIBRARY_PARAMETERS: set[Any] = {ProblemHooks.trainable_parameters}
 
 
-class Problem(ProblemHooks):
+class Problem(ProblemBase):
     """One level of a multilevel program: module, optimizer, data and ``training_step``.
 
     Args:
@@ -58,133 +57,30 @@ class Problem(ProblemHooks):
 
     supports_reverse_mode = False  # IterativeProblem: its updates are differentiable
 
-    def __init__(self, name: str, config: Config | None = None,
-                 module: torch.nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                 train_data_loader: Any = None, extra_config: Any = None) -> None:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ProblemDefinitionError(
-                f"Problem name {name!r} must be a Python identifier (problems reach each "
-                "other as attributes, e.g. self.inner)"
-            )
-        self._name = name
-        self._config = config if config is not None else Config()
-        self.cfg = extra_config
-        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
-        self.train_data_loader = train_data_loader
-        self.cur_batch: Any = None
-        self.clock = WindowClock()
-        self._parents: list[Problem] = []
-        self._children: list[Problem] = []
-        self._paths: list[list[Problem]] = []
-        self._leaf = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the signature: ProblemBase
+        super().__init__(*args, **kwargs)
         self._training = True
-        self._engine: Engine | None = None
-        self._device = torch.device("cpu")
-        self._source: BatchSource | None = None
         self._precision: Precision | None = None
         self._gradients: PathGradients | None = None
         self._local_step: LocalStep | None = None
         self._rollback = RollBack()
         self._hooks = BoundHooks()
         self._param_list: list[Tensor] | None = None
-        self._last_loss: Tensor | None = None
         self._last_grads: list[Tensor | None] | None = None  # sama's P reads them
         self._keeps_gradient = False
         self._retain_graph = False
         self._replaying = False
+        self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name in HOOK_NAMES and "_hooks" in self.__dict__:  # a hook assigned on the instance
             super().__setattr__("_hooks", bind_hooks(self))
 
-    # -- members users touch -----------------------------------------------------------
-    name = property(lambda self: self._name)
-    config = property(lambda self: self._config)
-    children = property(lambda self: self._children)
-    parents = property(lambda self: self._parents)
-    paths = property(lambda self: self._paths)
-    engine = property(lambda self: self._engine)
-
-    @property
-    def count(self) -> int:
-        """Local steps taken (micro-batches)."""
-        return self.clock.count
-
-    @property
-    def leaf(self) -> bool:
-        return self._leaf
-
-    @leaf.setter
-    def leaf(self, value: bool) -> None:
-        self._leaf = bool(value)
-
-    @property
-    def device(self) -> torch.device:
-        """The device this problem trains on (set by the engine before training)."""
-        return self._device
-
-    @property
-    def env(self) -> Any:
-        """The engine's ``env`` (the original's `betty.envs.Env`), None without one."""
-        return None if self._engine is None else self._engine.env
-
-    @property
-    def _global_step(self) -> int:
-        """The engine's global step (the original's programs read ``self._global_step``)."""
-        return 0 if self._engine is None else self._engine.global_step
-
-    @property
-    def last_loss(self) -> Tensor | None:
-        """The latest local step's loss, on the device (read it only when printing)."""
-        return self._last_loss
-
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped by the fp16 grad scaler (inf/NaN gradients)."""
         return self._precision.skipped_steps if self._precision is not None else 0
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self._name!r})"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
-
-    # -- wiring (the engine calls these; the original's unit tests call them too) ---------
-    def add_child(self, problem: Problem) -> None:
-        if problem not in self._children:
-            self._children.append(problem)
-
-    def add_parent(self, problem: Problem) -> None:
-        if problem not in self._parents:
-            self._parents.append(problem)
-
-    def add_paths(self, paths: list[list[Problem]]) -> None:
-        self._paths.extend(p for p in paths if p not in self._paths)
-
-    def clear_dependencies(self) -> None:
-        self._children, self._parents, self._paths = [], [], []
-
-    def set_module(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.refresh_parameters()
-
-    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def set_scheduler(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-
-    def set_train_data_loader(self, loader: Any) -> None:
-        self.train_data_loader = loader
-        if self._source is not None:
-            self._source = BatchSource(self._name, loader, self.epoch_callback)
-
-    def attach_clock(self, clock: WindowClock) -> None:
-        """Run on the schedule's clock for this problem (its step count carries over)."""
-        clock.count = self.clock.count
-        self.clock = clock
 
     # -- set-up before training ----------------------------------------------------------
     def check_definition(self) -> None:
@@ -213,13 +109,9 @@ class Problem(ProblemHooks):
         self.scheduler = setup.given(self.configure_scheduler(), self.scheduler)
         self.train_data_loader = setup.given(self.configure_train_data_loader(),
                                              self.train_data_loader)
+        setup.check_data(self, type(self).get_batch is not Problem.get_batch)
         if self.train_data_loader is not None:
             self._source = BatchSource(self._name, self.train_data_loader, self.epoch_callback)
-        elif type(self).get_batch is Problem.get_batch:
-            raise ProblemDefinitionError(
-                f"problem '{self._name}' has no data; pass train_data_loader=..., define "
-                "configure_train_data_loader(), or override get_batch()"
-            )
         setup.check_sama_optimizer(self, list(getattr(engine, "problems", [])))
         self.refresh_parameters()
         setup.check_meta_trainable(self, type(self).meta_trainable_parameters
@@ -231,10 +123,7 @@ class Problem(ProblemHooks):
         self._local_step = LocalStep(lambda: self._hooks, self._make_clip(),
                                      self._make_update(strategy))
         self._keeps_gradient = reads_gradient(self._config, self.optimizer)
-        # several reverse-mode uppers back-propagate through one lower window
-        self._retain_graph = self._config.retain_graph or (not self._config.first_order and any(
-            c.supports_reverse_mode and sum(not u.config.first_order for u in c.parents) > 1
-            for c in self._children))
+        self._retain_graph = self._config.retain_graph or setup.shares_a_window(self)
 
     def _make_clip(self) -> Clip:
         return Clip(self._config.gradient_clipping)
@@ -257,6 +146,11 @@ class Problem(ProblemHooks):
         overridden = type(self).trainable_parameters not in LIBRARY_PARAMETERS
         self._param_list = None if overridden or self.module is None else \
             list(self.trainable_parameters())
+
+    def hop_memory(self, upper: str) -> dict[str, Any]:
+        """What hypergradient methods keep across outer steps for the hop from this problem
+        to ``upper`` (warm starts); saved in checkpoints."""
+        return self._hop_memory.setdefault(upper, {})
 
     def window_parameters(self) -> list[Tensor] | None:
         """The functional parameters of a live unroll window (reverse mode); None here."""
@@ -282,20 +176,7 @@ class Problem(ProblemHooks):
         assert self._precision is not None
         with self._precision.autocast():
             out = self.training_step(batch)
-        loss, extras = (out.get("loss"), out) if isinstance(out, dict) else (out, None)
-        if extras is not None and "loss" not in extras:
-            raise TrainingError(
-                f"problem '{self._name}': training_step returned a dict without key "
-                f"'loss' (keys: {sorted(extras)}); put the scalar loss under 'loss'"
-            )
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise TrainingError(
-                f"problem '{self._name}': training_step must return a scalar loss tensor, got "
-                f"{shape} at local step {self.count}; reduce it, e.g. with .mean()"
-            )
-        loss = loss if loss.dim() == 0 else loss.reshape(())
-        return loss, ({"loss": loss} if extras is None else {**extras, "loss": loss})
+        return checked_loss(self._name, out, self.count)
 
     def hop_loss(self) -> Tensor:
         """This problem's loss on its current batch, for hypergradient hops through it."""
@@ -446,7 +327,8 @@ class Problem(ProblemHooks):
                 "roll_back": self._rollback.state_dict(),
                 "cur_batch": storable_batch(self._name, self.cur_batch),
                 "data": None if self._source is None else self._source.state_dict(),
-                "precision": None if self._precision is None else self._precision.state_dict()}
+                "precision": None if self._precision is None else self._precision.state_dict(),
+                "hop_memory": self._hop_memory}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         assert self._local_step is not None and self._gradients is not None
@@ -460,3 +342,4 @@ class Problem(ProblemHooks):
             self._source.load_state_dict(state["data"])
         if self._precision is not None and state["precision"] is not None:
             self._precision.load_state_dict(state["precision"])
+        self._hop_memory = move_to(state["hop_memory"], self._device)

@@ -80,3 +80,19 @@ def check_sama_optimizer(problem: Any, problems: list[Any]) -> None:
             f"Jacobian of its optimizer (problems {uppers} differentiate through it): "
             f"{err} Config.type darts, neumann and cg work with any optimizer."
         ) from None
+
+
+def check_data(problem: Any, defines_get_batch: bool) -> None:
+    if problem.train_data_loader is None and not defines_get_batch:
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}' has no data; pass train_data_loader=..., define "
+            "configure_train_data_loader(), or override get_batch()"
+        )
+
+
+def shares_a_window(problem: Any) -> bool:
+    """Whether this reverse-mode upper back-propagates through a lower window that another
+    reverse-mode upper back-propagates through too (so its backward keeps the graph)."""
+    return not problem.config.first_order and any(
+        c.supports_reverse_mode and sum(not u.config.first_order for u in c.parents) > 1
+        for c in problem.children)
