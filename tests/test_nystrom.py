@@ -209,3 +209,19 @@ def test_engine_three_levels_against_dense_chain(program, rank):
     solvers = {n: nystrom_solver(rank, rho, i) for i, n in enumerate(names)}
     for name, total_err, hyper_err in tl.run(PROGRAMS[program], configs, solvers):
         assert total_err < EXACT and hyper_err < EXACT, name
+
+
+@pytest.mark.parametrize("rank", [4, 6])
+def test_float32_small_rho_keeps_its_digits(rank):
+    """float32 parameters, rho = 1e-4: within 1e-5 of the float64 dense Woodbury. At rank 6 =
+    dim, where (H_k + rho I)^-1 v is of size |v|, the paper's ``v/rho - C (W + C^T C/rho)^-1
+    C^T v/rho^2`` subtracts two terms of size |v|/rho: formed in float32 on these inputs it
+    is off by 4e-3."""
+    h, rho = spd(6), 1e-4
+    loss, b, w0, lam0, v = quadratic(h, 7)
+    config = Config(type="nystrom", nystrom_rank=rank, nystrom_rho=rho, nystrom_seed=2)
+    out = hop_on(lambda w, lam: loss(w.double(), lam.double()).float(), w0.float(),
+                 lam0.float(), v.float(), config)
+    assert out.dtype == torch.float32
+    expected = -b * hand_woodbury(h, v, sample_coordinates(6, rank, 2), rho)
+    assert tl.rel_err(out.double(), expected) < 1e-5

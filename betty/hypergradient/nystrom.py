@@ -17,8 +17,11 @@ below PSEUDO_INVERSE_TOL of the largest dropped), H_k = Q T Q^T with T = R W^+ R
 
 a k x k solve in float64 plus the part of v outside the columns' range, divided by rho (that
 part is absent when k >= n). Algebraically this is the paper's ``v/rho - C (W + C^T C /
-rho)^-1 C^T v / rho^2``, which loses digits in proportion to 1/rho (the difference of two
-terms of size |v|/rho) and needs W invertible. Memory: C and Q in float64 (2 n k numbers).
+rho)^-1 C^T v / rho^2``, which needs W invertible and, where v lies in the columns' range
+(k >= n, say), subtracts two terms of size |v|/rho for a result of size |v|/|H|, losing
+digits in proportion to 1/rho (float32, rho = 1e-4, k = n: 4e-3; this form: 6e-7).
+Memory: C and Q, 2 n k numbers in float32 (float64 for float64 parameters); the k x k
+algebra runs in float64.
 
 Which coordinates: a private `torch.Generator` draws them, so the user's random stream is
 never advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at
@@ -67,21 +70,22 @@ def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
 
 
 def woodbury_solve(columns: Tensor, block: Tensor, v: Tensor, rho: float) -> Tensor:
-    """``(C W^+ C^T + rho I)^-1 v`` for ``C = columns`` (n x k), ``W = block`` (k x k,
-    symmetrised), computed in float64 and returned in the dtype of ``v`` (module docstring)."""
+    """``(C W^+ C^T + rho I)^-1 v`` for ``C = columns`` (n x k) and ``v`` (n) of one dtype,
+    ``W = block`` (k x k, symmetrised); the QR of C runs in that dtype, the k x k algebra in
+    float64 (module docstring)."""
     w64 = block.to(torch.float64)
     eigenvalues, vectors = torch.linalg.eigh(0.5 * (w64 + w64.T))
     keep = eigenvalues.abs() > PSEUDO_INVERSE_TOL * eigenvalues.abs().max()
-    basis, triangle = torch.linalg.qr(columns.to(torch.float64))  # C = Q R
-    half = triangle @ vectors[:, keep]  # T = R W^+ R^T = half diag(1/l) half^T
+    basis, triangle = torch.linalg.qr(columns)  # C = Q R
+    half = triangle.to(torch.float64) @ vectors[:, keep]  # T = R W^+ R^T = half diag(1/l) half^T
     inner = (half / eigenvalues[keep]) @ half.T
-    v64 = v.to(torch.float64)
-    coefficients = basis.T @ v64
-    x = basis @ torch.linalg.solve(inner + rho * torch.eye(inner.shape[0], dtype=inner.dtype),
-                                   coefficients)
+    coefficients = basis.T @ v
+    y = torch.linalg.solve(inner + rho * torch.eye(inner.shape[0], dtype=inner.dtype),
+                           coefficients.to(torch.float64))
+    x = basis @ y.to(basis.dtype)
     if basis.shape[1] < basis.shape[0]:  # the part of v outside range(C): (I - Q Q^T) v / rho
-        x = x + (v64 - basis @ coefficients) / rho
-    return x.to(v.dtype)
+        x += (v - basis @ coefficients) / rho
+    return x
 
 
 def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
@@ -90,12 +94,13 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
     n = sum(t.numel() for t in direction)
     coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
-    # the columns go to float64 one by one, so no second n x k copy is made for the QR
-    columns = torch.stack([torch.cat([c.reshape(-1).to(torch.float64)
+    # columns in float32 (float64 if the parameters are): half precision would lose the solve
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in direction) else torch.float32
+    columns = torch.stack([torch.cat([c.reshape(-1).to(dtype)
                                       for c in hop.hvp(_one_hot(direction, i))])
                            for i in coordinates], dim=1)
     block = columns[torch.tensor(coordinates, device=columns.device)]
-    flat_v = torch.cat([t.reshape(-1).to(torch.float64) for t in direction])
+    flat_v = torch.cat([t.reshape(-1).to(dtype) for t in direction])
     flat_x = woodbury_solve(columns, block, flat_v, config.nystrom_rho)
     del columns
     parts = torch.split(flat_x, [t.numel() for t in direction])
