@@ -54,7 +54,7 @@ from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.problems import ImplicitProblem, IterativeProblem
 
-METHODS = ("plain", "darts", "sama", "neumann", "cg", "reverse")
+METHODS = ("plain", "darts", "sama", "neumann", "cg", "nystrom", "reverse")
 FEATURES, CLASSES = 64, 10
 
 
