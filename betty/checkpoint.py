@@ -30,11 +30,9 @@ import os
 import pickle
 import random
 import re
-import signal
 import tempfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -305,31 +303,3 @@ def safe_load(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}; "
                               f"this betty reads version {VERSION}")
     return state
-
-
-# -- Ctrl-C ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
-    """While active, a first SIGINT (Ctrl-C) only sets a flag, read by the yielded function;
-    a second one raises `KeyboardInterrupt` at once. Inactive (the flag stays False) when not
-    ``enabled``, off the main thread, or when SIGINT already has a non-default handler."""
-    hit = [False]
-    usable = (enabled and threading.current_thread() is threading.main_thread()
-              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if not usable:
-        yield lambda: False
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if hit[0]:
-            raise KeyboardInterrupt
-        hit[0] = True
-        log.warning("Ctrl-C: saving a checkpoint at the end of this global step (or of the "
-                    "reverse-mode unroll window it is in), then stopping (press Ctrl-C again "
-                    "to stop at once without saving)")
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: hit[0]
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from betty import checkpoint
+from betty.checkpoint_policy import CheckpointPolicy, checkpoint_blockers
 from betty.configs import EngineConfig
 from betty.diagnostics import Diagnostics
 from betty.distributed import DISTRIBUTED_STRATEGIES, make_strategy
@@ -228,11 +229,9 @@ class Engine:
                                enabled=config.progress_bar and self.strategy.is_main)
         strategy = self.strategy
         single = strategy.world_size == 1
-        due = False  # a periodic checkpoint waiting for an unroll window to end
-        self._waiting_since: int | None = None
+        policy = CheckpointPolicy(self)
         try:
-            with checkpoint.deferred_interrupt(config.checkpoint_dir is not None) as stop, \
-                    strategy.fail_together():
+            with policy.watching(), strategy.fail_together():
                 for step in range(self.global_step + 1, config.train_iters + 1):
                     self.global_step = step
                     if single:
@@ -243,19 +242,7 @@ class Engine:
                     if step % config.valid_step == 0 and self._has_validation():
                         self.stopped_early = self._validate()
                     self._end_step(progress)
-                    # several processes stop together: one rank's Ctrl-C stops them all
-                    interrupted = config.checkpoint_dir is not None and strategy.any(stop())
-                    due = due or bool(config.checkpoint_step
-                                      and step % config.checkpoint_step == 0)
-                    if (interrupted or due) and self._wait_for_window(step):
-                        pass  # a reverse-mode window is open: save when it ends
-                    elif interrupted:
-                        log.warning("interrupted: checkpoint saved to %s",
-                                    self.save_checkpoint())
-                        raise KeyboardInterrupt
-                    elif due:
-                        self.save_checkpoint()
-                        due = False
+                    policy.after_step(step)
                     if self.stopped_early:
                         log.info("early stopping at global step %d", step)
                         break
@@ -277,22 +264,6 @@ class Engine:
             progress.update()
 
     # -- checkpoints (betty.checkpoint) --------------------------------------------------
-    def _checkpoint_blockers(self) -> list[str]:
-        """Why the program cannot be checkpointed at this global step (empty: it can)."""
-        return [why for p in self.problems if (why := p.checkpoint_blocker()) is not None]
-
-    def _wait_for_window(self, step: int) -> bool:
-        """True while a due checkpoint must wait for an unroll window to end (logged once)."""
-        blockers = self._checkpoint_blockers()
-        if not blockers:
-            self._waiting_since = None
-            return False
-        if self._waiting_since is None:
-            self._waiting_since = step
-            log.info("checkpoint of global step %d deferred to the end of the unroll window: "
-                     "%s", step, "; ".join(blockers))
-        return True
-
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:
         """Atomically write everything needed to continue exactly as if never stopped;
         ``path`` defaults to ``<checkpoint_dir>/step_<global_step>.pt``. Returns the path.
@@ -302,7 +273,7 @@ class Engine:
         differentiates (reverse mode) or that restarts from ``initial_parameters()``: that
         window's history is a graph no file can hold. ``checkpoint_step`` and Ctrl-C wait
         for the window to end on their own."""
-        blockers = self._checkpoint_blockers()
+        blockers = checkpoint_blockers(self.problems)
         if blockers:
             raise checkpoint.CheckpointError(
                 f"cannot checkpoint global step {self.global_step}: {'; '.join(blockers)}. "

@@ -38,8 +38,9 @@ def _lower_step(self: Any, batch: Any) -> torch.Tensor:
     x, y = batch
     interrupt = (self.cfg or {}).get("interrupt_at")
     if interrupt is not None and self.engine.global_step == interrupt[0]:
-        for _ in range(interrupt[1]):  # as Ctrl-C does: SIGINT to the main thread
-            signal.raise_signal(signal.SIGINT)
+        kind = signal.SIGTERM if len(interrupt) > 2 else signal.SIGINT
+        for _ in range(interrupt[1]):  # as Ctrl-C (or kill) does: to the main thread
+            signal.raise_signal(kind)
         self.cfg = None
     noise = torch.from_numpy(np.random.randn(*x.shape)).float() * 0.01
     loss = F.cross_entropy(self.module(x + noise), y) * (1 + 0.01 * random.random())
@@ -272,6 +273,20 @@ def test_ctrl_c_mid_reverse_window_saves_when_the_window_ends(tmp_path):
     resumed = build("iterative", "reverse", checkpoint_dir=str(tmp_path), resume_from="latest")
     resumed.run()
     assert_same(final_state(resumed), reference("iterative", "reverse"))
+
+
+def test_sigterm_saves_and_exits_cleanly_and_the_resumed_run_is_bitwise_equal(tmp_path):
+    """What schedulers, ``kill`` and container runtimes send: like Ctrl-C, then SystemExit
+    with the conventional status 128 + 15."""
+    engine = build(checkpoint_dir=str(tmp_path), interrupt_at=(5, 1, "term"))
+    with pytest.raises(SystemExit) as stopped:
+        engine.run()
+    assert stopped.value.code == 143 and engine.global_step == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [5]
+    resumed = build(checkpoint_dir=str(tmp_path), resume_from="latest")
+    resumed.run()
+    assert_same(final_state(resumed), reference("implicit", "plain"))
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
-from betty.hypergradient import Hop, cg, darts, neumann
+from betty.hypergradient import Hop, cg, darts, neumann, register
 from betty.linalg import neumann_series, solve_cg
 from betty.problems import ImplicitProblem
 
@@ -402,6 +402,23 @@ PROGRAMS = {
         own={"rw": False}),
 }
 
+def halved_mixed(hop: Hop, v, config: Config):
+    """A user's method, registered below (an extension point): ``-M (v / 2)``, i.e. the
+    inverse Hessian replaced by ``I / 2``; written with the public `Hop` closures only."""
+    return [None if m is None else -m for m in hop.mixed([t / 2 for t in v])]
+
+
+def conjugate_step(hop: Hop, v, config: Config):
+    """Another user's method, passed as ``Config(type=conjugate_step)`` without registering:
+    one Richardson step from 0 with step 1, ``x = v``, then ``-M (2 v - H v)`` (two terms
+    of the Neumann series with alpha 1)."""
+    hv = hop.hvp(v)
+    x = [2 * t - h for t, h in zip(v, hv)]
+    return [None if m is None else -m for m in hop.mixed(x)]
+
+
+register("halved", halved_mixed)
+
 # Each method: the Config it runs with and the dense solver that stands for it.
 METHOD_TABLE: dict[str, tuple[Config, ref.Solver]] = {
     "darts": (Config(type="darts"), ref.identity_solve),
@@ -411,6 +428,8 @@ METHOD_TABLE: dict[str, tuple[Config, ref.Solver]] = {
     "neumann_3_terms": (Config(type="neumann", neumann_iterations=3, neumann_alpha=0.3),
                         ref.neumann_solve(3, 0.3)),
     "cg_2_steps": (Config(type="cg", cg_iterations=2, cg_alpha=3.0), ref.krylov_solve(2)),
+    "registered": (Config(type="halved"), lambda h, v: v / 2),
+    "callable": (Config(type=conjugate_step), ref.neumann_solve(1, 1.0)),
 }
 # Methods per level, in the order of Program.inputs; a list cycles over the levels.
 ASSIGNMENTS = {
@@ -419,6 +438,8 @@ ASSIGNMENTS = {
     "cg": ["cg"],
     "mixed_truncated": ["darts", "cg_2_steps", "neumann_3_terms"],
     "mixed_truncated_rotated": ["neumann_3_terms", "darts", "cg_2_steps"],
+    "user_methods": ["registered", "callable", "cg"],
+    "user_methods_rotated": ["callable", "cg", "registered"],
 }
 
 

@@ -23,10 +23,13 @@ if TYPE_CHECKING:
 
 def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> OwnedVector | None:
     """Zeros for unused entries; ``None`` when no entry was reached at all. The result is
-    handed to the next hop, which may free it early (`OwnedVector`)."""
+    handed to the next hop, which may free it early or write into it (`OwnedVector`), so a
+    tensor whose elements share memory (autograd returns the gradient of ``w.sum()`` as an
+    expanded view) is made contiguous first."""
     if all(t is None for t in v):
         return None
-    return OwnedVector(torch.zeros_like(p) if t is None else t for t, p in zip(v, like))
+    return OwnedVector(torch.zeros_like(p) if t is None else
+                       t if t.is_contiguous() else t.contiguous() for t, p in zip(v, like))
 
 
 def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
