@@ -19,6 +19,10 @@ exactly, with one backward through ``dL/dw`` (nothing to tune). The same loss al
 ``cg``, ``neumann`` and ``nystrom`` (the implicit-function hypergradient ``-M H^-1 v`` with the
 score estimate of M) and ``darts`` (``M v`` by a central difference: first-order only, its
 backward passes reach the log-probabilities and nothing else).
+
+Several processes: each rank's baseline is the leave-one-out mean of its own batch, so the
+averaged estimate is unbiased but not bit for bit the one of one process on the union batch
+(``baseline="none"`` is).
 """
 
 from __future__ import annotations
