@@ -137,6 +137,7 @@ class ProgramPicture:
         return buffer.getvalue()
 
     def save_png(self, path: str, *, dpi: int = 120) -> None:
+        """Write `to_png` to ``path`` (needs matplotlib)."""
         with open(path, "wb") as file:
             file.write(self.to_png(dpi=dpi))
 

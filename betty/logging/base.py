@@ -31,9 +31,14 @@ class Record:
 class Logger(Protocol):
     """A backend: receives the records of one global step, already on the host."""
 
-    def write(self, records: Sequence[Record], *, global_step: int) -> None: ...
+    def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        """Record ``records``, the values logged at global step ``global_step`` (each
+        record may carry its own local step); called once per logged global step."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release what the backend holds (files, runs); called once, at the end."""
+        ...
 
 
 def to_float(value: Any) -> Any:
@@ -78,10 +83,13 @@ def records_to_host(records: Sequence[Record]) -> list[Record]:
 
 
 def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def format_value(value: Any) -> str:
+    """``value`` as a console log shows it: 6 significant digits for numbers (a one-element
+    tensor counts as one), ``str`` otherwise."""
     value = to_float(value)
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 

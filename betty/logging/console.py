@@ -73,9 +73,12 @@ class ConsoleLogger:
 
     @staticmethod
     def enabled() -> bool:
+        """Whether the ``betty`` logger prints INFO lines (else lines are not even built)."""
         return log.isEnabledFor(logging.INFO)
 
     def line(self, record: Record, *, global_step: int) -> str:
+        """The console line of one record: its step, its source and its values, aligned
+        with the lines before it."""
         step = global_step if record.step is None else record.step
         self.step_width = max(self.step_width, len(str(step)))
         self.name_width = max(self.name_width, len(record.tag))
@@ -86,6 +89,7 @@ class ConsoleLogger:
                 + " ".join(cells)).rstrip()
 
     def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        """Log one line per record to the ``betty`` logger at INFO."""
         if not self.enabled():
             return
         last = len(self.order)
@@ -93,4 +97,4 @@ class ConsoleLogger:
             log.info("%s", self.line(record, global_step=global_step))
 
     def close(self) -> None:
-        pass
+        """Nothing to release: lines are written as they come."""

@@ -33,6 +33,8 @@ class CSVLogger:
         self._rewrite()
 
     def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        """Append one row for ``global_step`` (rewriting the file when a new column
+        appears)."""
         row: dict[str, Any] = {"step": global_step}
         for record in records:
             for key, value in record.metrics.items():
@@ -57,4 +59,4 @@ class CSVLogger:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: each row is written, and the file closed, as it comes."""

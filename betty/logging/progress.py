@@ -78,6 +78,7 @@ class ProgressBar:
         self._bar.update(1)
 
     def close(self) -> None:
+        """Show the final losses on the bar and close it (nothing when there is no bar)."""
         if self._bar is None:
             return
         self._bar.set_postfix_str(self.losses(), refresh=False)

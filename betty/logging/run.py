@@ -100,6 +100,7 @@ class RunLogger:
 
 
 def default_run_name() -> str:
+    """A run's name when none is given: the local time, ``YYYYmmdd-HHMMSS``."""
     return time.strftime("%Y%m%d-%H%M%S")
 
 

@@ -17,6 +17,7 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=log_dir)
 
     def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        """One scalar per value, tagged ``<source>/<key>``, at the record's step."""
         for record in records:
             step = global_step if record.step is None else record.step
             for key, value in record.metrics.items():
@@ -24,4 +25,5 @@ class TensorBoardLogger:
                     self.writer.add_scalar(f"{record.tag}/{key}", value, step)
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()

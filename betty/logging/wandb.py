@@ -38,6 +38,7 @@ class WandbLogger:
         self.run = wandb.run
 
     def write(self, records: Sequence[Record], *, global_step: int) -> None:
+        """One ``wandb.log`` call per logged global step, keys ``<source>/<key>``."""
         payload: dict[str, Any] = {}
         for record in records:
             for key, value in record.metrics.items():
@@ -47,5 +48,6 @@ class WandbLogger:
         self.run.log(payload, step=global_step)
 
     def close(self) -> None:
+        """Finish the run if this logger started it (a run the program started stays open)."""
         if self.owns_run:
             self.run.finish()
