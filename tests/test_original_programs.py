@@ -289,6 +289,21 @@ def test_darts_architecture_search(run):
     assert engine.classifier.scheduler.last_epoch == 5
 
 
+# -- learning by ignoring: three levels, DataLoader workers --------------------------------
+@pytest.mark.slow
+@takes_device
+def test_learning_by_ignoring(run, capsys):
+    argv = ("--batch_size", "4", "--data_dir", "data")
+    start = run("learning_by_ignoring/main.py", *argv, iters=0)["engine"]
+    g = run("learning_by_ignoring/main.py", *argv, iters=3, valid=3)
+    engine = g["engine"]
+    assert [engine.pretrain.count, engine.finetune.count, engine.reweight.count] == [3, 3, 3]
+    assert 0 <= g["best_acc"] <= 1 and "Cl --> Ar || best_acc" in capsys.readouterr().out
+    for name in ("pretrain", "finetune", "reweight"):  # every level trained
+        moved = flat(getattr(engine, name).module) - flat(getattr(start, name).module)
+        assert moved.abs().max().item() > 1e-6, name
+
+
 # -- shuffled loaders: the original's order of random draws --------------------------------
 class OrderInner(ImplicitProblem):
     def configure_module(self):
