@@ -4,8 +4,8 @@ A bilevel program in the style of DoGE (Fan et al., "DoGE: Domain Reweighting wi
 Generalization Estimation", ICML 2024) and Meta-Weight-Net (Shu et al., NeurIPS 2019):
 
 * ``lm`` (lower, `ImplicitProblem`): a GPT-2 byte-level LM built from a Hugging Face
-  `GPT2Config` (model.py; no weights downloaded) trained on a mixture of text domains taken
-  from the standard library that runs this script (data.py): code of ``email``, ``asyncio``,
+  `GPT2Config` (byte_lm.py; no weights downloaded) trained on a mixture of text domains taken
+  from the standard library that runs this script (stdlib_text.py): code of ``email``, ``asyncio``,
   ``xml``; docstrings; and a harmful domain, code scrambled into noise. Each step sees the
   same number of windows from every domain; its loss is ``sum_d p_d * mean loss of domain d``.
 * ``weights`` (upper): ``p = softmax(logits)`` over the domains, trained with Adam to minimise
@@ -41,9 +41,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from data import DOMAINS, Corpus, WindowSampler, eval_windows, load_corpus  # noqa: E402
-from model import ModelSize, bits_per_byte, byte_lm, sequence_losses  # noqa: E402
-from report import format_table, save_plot, summarize  # noqa: E402
+from byte_lm import ModelSize, bits_per_byte, byte_lm, sequence_losses  # noqa: E402
+from mixing_report import format_table, save_plot, summarize  # noqa: E402
+from stdlib_text import DOMAINS, Corpus, WindowSampler, eval_windows, load_corpus  # noqa: E402
 
 from betty import Engine  # noqa: E402
 from betty.configs import Config, EngineConfig  # noqa: E402
@@ -60,8 +60,8 @@ BASELINES = ("uniform", "proportional", "target-only")
 @dataclass(frozen=True)
 class Settings:
     size: ModelSize = ModelSize(width=64, layers=2, heads=4, context=64)
-    steps: int = 400
-    per_domain: int = 4  # windows per domain per step (x 5 domains)
+    steps: int = 300
+    per_domain: int = 3  # windows per domain per step (x 5 domains)
     val_windows: int = 16  # target validation windows per upper step
     lr: float = 3e-3
     warmup: int = 20  # LM learning-rate warm-up; the upper starts stepping after it too

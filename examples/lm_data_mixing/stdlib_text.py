@@ -12,7 +12,7 @@ Domains (``kind``: how a file becomes bytes):
   ``*.py`` file directly in the stdlib folder, docstrings joined by blank lines), English text;
 * ``scrambled`` (``harmful``): the ``*.py`` files of ``unittest``, ``logging`` and ``http``
   with their bytes shuffled within each file and every byte value replaced through one fixed
-  random permutation of 0..255: noise as peaked as code, but on other symbols and without
+  random permutation of 1..255: noise as peaked as code, but on other symbols and without
   any structure, so it pulls the LM away from the target from the first step.
 """
 
@@ -70,12 +70,12 @@ def docstrings(path: Path) -> bytes:
 
 def scrambled_bytes(data: bytes, key: str) -> bytes:
     """``data`` shuffled by a generator seeded from the file's name ``key``, then every byte
-    value mapped through one fixed permutation of 0..255."""
+    value mapped through one fixed permutation of 1..255 (0, the `SEPARATOR`, stays 0)."""
     order = list(data)
     random.Random(f"{SCRAMBLE_SEED}:{key}").shuffle(order)
-    alphabet = list(range(256))
+    alphabet = list(range(1, 256))
     random.Random(SCRAMBLE_SEED).shuffle(alphabet)
-    return bytes(order).translate(bytes(alphabet))
+    return bytes(order).translate(bytes([0] + alphabet))
 
 
 @dataclass
