@@ -24,7 +24,17 @@ DISTRIBUTED_STRATEGIES = ("distributed", "zero", "fsdp")
 
 
 def make_strategy(config: EngineConfig, device: torch.device | None = None) -> Strategy:
-    """The strategy for ``config.strategy`` (joining the process group if distributed)."""
+    """The strategy for ``config.strategy`` (joining the process group if distributed).
+
+    Args:
+        config: the engine's config; ``strategy``, ``backend`` and ``distributed_timeout``
+            are read.
+        device: the device of a single-process run (ignored by the distributed strategies,
+            which take ``cuda:<LOCAL_RANK>`` or the CPU).
+
+    Raises:
+        ConfigError: a distributed strategy outside torchrun (no process group to join).
+    """
     if config.strategy == "distributed":
         from betty.distributed.data_parallel import DataParallel
 

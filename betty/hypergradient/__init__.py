@@ -31,7 +31,16 @@ METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sam
 def register(name: str, method: Method) -> None:
     """Make ``Config(type=name)`` use ``method``, a function ``(hop, v, config) -> vector``
     (see `darts` for the shape of one). A method may also be passed directly as
-    ``Config(type=method)``."""
+    ``Config(type=method)``.
+
+    Args:
+        name: the name ``Config.type`` will use; an existing name is replaced.
+        method: ``method(hop, v, config)`` returns the hop's vector w.r.t. the upper's
+            parameters (a sequence of tensors, ``None`` where nothing flows).
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str, or ``method`` is not callable.
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"register: name must be a non-empty str, got {name!r}")
     if not callable(method):

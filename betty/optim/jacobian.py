@@ -21,7 +21,7 @@ not depend on ``g`` and drops out.
   ``P = s·η_t·(1/D - g'²/(√S·D²))``.
 
 Where the square root's argument is 0 (only when ``g' = 0``) its derivative term is taken as
-0, the same convention as :func:`betty.optim.steps.safe_sqrt`. Results are detached.
+0, the same convention as `betty.optim.steps.safe_sqrt`. Results are detached.
 Reference: Choe et al., "Making Scalable Meta Learning Practical" (SAMA, NeurIPS 2023).
 """
 
@@ -89,7 +89,7 @@ def adam_diag(
 
 
 def adamw_diag(p: Tensor, g: Tensor, state: State, group: Group) -> Tensor:
-    """P of torch.optim.AdamW: :func:`adam_diag` with decoupled weight decay."""
+    """P of torch.optim.AdamW: `adam_diag` with decoupled weight decay."""
     return adam_diag(p, g, state, group, decoupled=True)
 
 

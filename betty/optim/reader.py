@@ -2,8 +2,8 @@
 
 The optimizer object stays the single source of truth for hyperparameters: its param groups
 are read at every call (so schedulers and per-group learning rates apply), its ``state`` is
-read by :meth:`FunctionalOptimizer.init_state` and written by
-:meth:`FunctionalOptimizer.write_back`, after which ``optimizer.step()`` continues exactly
+read by `FunctionalOptimizer.init_state` and written by
+`FunctionalOptimizer.write_back`, after which ``optimizer.step()`` continues exactly
 where the functional steps stopped. Parameters are matched by position: the flat order of
 ``optimizer.param_groups``, so the functional parameters may be any tensors of those shapes
 (non-leaf copies inside an unrolled, differentiable window).
@@ -22,7 +22,7 @@ from betty.optim.steps import Group, State
 
 
 class Rule(NamedTuple):
-    """The pure functions behind one torch.optim class (see :mod:`betty.optim.steps`)."""
+    """The pure functions behind one torch.optim class (see `betty.optim.steps`)."""
 
     name: str
     init: Callable[[Tensor, Group], State]
@@ -64,6 +64,13 @@ def find_rule(optimizer: torch.optim.Optimizer) -> Rule:
 
 class FunctionalOptimizer:
     """A torch.optim optimizer seen as pure, differentiable functions.
+
+    Args:
+        optimizer: an SGD, Adam, AdamW, RMSprop or Adagrad optimizer (or a subclass); it is
+            read, never modified, except by `write_back`.
+
+    Raises:
+        TypeError: another optimizer type; the message names the supported ones.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -115,6 +122,11 @@ class FunctionalOptimizer:
         A parameter torch.optim has not stepped yet gets the state torch.optim would create
         before its first step. ``params`` (default: the optimizer's own) only serves to
         check shapes and to place fresh state.
+
+        Raises:
+            ValueError: ``params`` has another length, or a tensor another shape, than the
+                optimizer's parameters.
+            TypeError: a complex parameter.
         """
         params = self.params if params is None else list(params)
         self._check("params", params)
@@ -150,10 +162,13 @@ class FunctionalOptimizer:
             params: one tensor per parameter, in the flat order of the param groups.
             grads: their gradients; ``None`` leaves that parameter and its state as they
                 are, as torch.optim skips parameters without ``.grad``.
-            state: from :meth:`init_state` or a previous :meth:`step`.
+            state: from `init_state` or a previous `step`.
 
         Returns:
             The new parameters and the new state.
+
+        Raises:
+            ValueError: ``params``, ``grads`` or ``state`` has not one entry per parameter.
         """
         for what, values in (("params", params), ("grads", grads), ("state", state)):
             self._check(what, values)
@@ -200,9 +215,12 @@ class FunctionalOptimizer:
     ) -> list[Tensor]:
         """SAMA's ``P = ∂u/∂g`` (detached), for the step the optimizer would take next.
 
-        ``state`` defaults to the optimizer's current state (:meth:`init_state`). A ``None``
+        ``state`` defaults to the optimizer's current state (`init_state`). A ``None``
         gradient gives zeros, as that parameter would not move. See
-        :mod:`betty.optim.jacobian` for the formulas.
+        `betty.optim.jacobian` for the formulas.
+
+        Raises:
+            ValueError: ``params``, ``grads`` or ``state`` has not one entry per parameter.
         """
         state = self.init_state(params) if state is None else state
         for what, values in (("params", params), ("grads", grads), ("state", state)):
@@ -220,6 +238,9 @@ class FunctionalOptimizer:
         """Store ``state`` (detached clones) into ``optimizer.state`` for torch.optim to go on.
 
         Only the state is written; copying the parameter values is the caller's business.
+
+        Raises:
+            ValueError: ``state`` has not one entry per parameter.
         """
         self._check("state", state)
         for index, own, _ in self._groups():
@@ -236,6 +257,12 @@ def _copy(value: object) -> object:
 
 def functional_optimizer(optimizer: torch.optim.Optimizer) -> FunctionalOptimizer:
     """Wrap a torch.optim optimizer (SGD, Adam, AdamW, RMSprop, Adagrad) as pure functions.
+
+    Args:
+        optimizer: the optimizer to read (see `FunctionalOptimizer`).
+
+    Returns:
+        A `FunctionalOptimizer` over it.
 
     Raises:
         TypeError: another optimizer type; the message names the supported ones.
@@ -254,7 +281,13 @@ def update_jacobian_diag(
 
     ``u`` is the update of one step at the optimizer's current state (or ``state``), so the
     new parameters would be ``p - u(g)``; P has one tensor per parameter, in the flat order
-    of ``optimizer.param_groups``. Formulas: :mod:`betty.optim.jacobian`.
+    of ``optimizer.param_groups``. Formulas: `betty.optim.jacobian`.
+
+    Args:
+        optimizer: an SGD, Adam, AdamW, RMSprop or Adagrad optimizer.
+        params: one tensor per parameter of ``optimizer``, in its flat order.
+        grads: their gradients (``None``: that parameter would not move, P is 0).
+        state: the optimizer state to use instead of its current one.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -263,5 +296,6 @@ def update_jacobian_diag(
 
     Raises:
         TypeError: an optimizer other than SGD, Adam, AdamW, RMSprop or Adagrad.
+        ValueError: ``params`` or ``grads`` has not one entry per parameter.
     """
     return FunctionalOptimizer(optimizer).update_jacobian_diag(params, grads, state)

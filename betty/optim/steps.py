@@ -20,7 +20,7 @@ Two deliberate differences from torch.optim, neither of which changes any value:
 
 - SGD's first momentum buffer is ``g'`` itself, not a detached copy, so reverse mode sees the
   whole dependence of the update on the first gradient.
-- Square roots use :func:`safe_sqrt`, whose derivative at 0 is 0 instead of ``inf``: a zero
+- Square roots use `safe_sqrt`, whose derivative at 0 is 0 instead of ``inf``: a zero
   gradient entry at Adam's first step would otherwise turn a hypergradient into ``nan``.
 """
 
@@ -44,7 +44,7 @@ def scalar(value: Any) -> Any:
 
 
 def hyper(group: Group, key: str) -> Any:
-    """Read a hyperparameter of a param group (see :func:`scalar`)."""
+    """Read a hyperparameter of a param group (see `scalar`)."""
     return scalar(group[key])
 
 
@@ -204,7 +204,7 @@ def adam_update(
 
 
 def adamw_update(p: Tensor, g: Tensor, state: State, group: Group) -> tuple[Tensor, State]:
-    """One AdamW step: :func:`adam_update` with decoupled weight decay."""
+    """One AdamW step: `adam_update` with decoupled weight decay."""
     return adam_update(p, g, state, group, decoupled=True)
 
 
