@@ -233,6 +233,18 @@ def test_implicit_maml_with_env(run):
 # -- tutorials -----------------------------------------------------------------------------
 @pytest.mark.slow
 @takes_device
+def test_tutorial_quick_start(run, capsys):
+    g = run("tutorial/1_quick_start.py", iters=5)
+    engine = g["engine"]
+    assert (engine.classifier.count, engine.reweight.count) == (5, 5)
+    out = capsys.readouterr().out
+    assert out.count("Reweight Loss:") == 5  # the upper's own print, once per step
+    assert f"Imbalanced Classification Accuracy: {g['acc']}" in out
+    assert g["total"] == len(g["valid_dataset"]) and 0 <= g["acc"] <= 100
+
+
+@pytest.mark.slow
+@takes_device
 def test_tutorial_logging_prints_by_default(run, capsys):
     g = run("tutorial/3_logging.py", iters=100, valid=100, fresh_logging=True)
     engine = g["engine"]
