@@ -133,7 +133,11 @@ def test_tensorboard_folder_defaults_to_the_originals():
     assert tensorboard_folder("logs", "run1") == os.path.join("logs", "run1")
 
 
-def test_log_step_lines_print_to_stdout_by_default(monkeypatch, capsys):
+@pytest.mark.parametrize("bar", [False, True])
+def test_log_step_lines_print_to_stdout_by_default(monkeypatch, capsys, bar):
+    if bar:
+        pytest.importorskip("tqdm")
+    monkeypatch.setattr("betty.logging.progress._isatty", lambda stream: True)
     logger = logging.getLogger("betty")  # as in a fresh interpreter (set here, at call time)
     monkeypatch.setattr(logger, "propagate", False)
     monkeypatch.setattr(logger, "handlers", [])
@@ -155,9 +159,11 @@ def test_log_step_lines_print_to_stdout_by_default(monkeypatch, capsys):
                   torch.optim.SGD(outer_module.parameters(), lr=0.1), train_data_loader=data)
     lower = Lower("lower", Config(), inner_module,
                   torch.optim.SGD(inner_module.parameters(), lr=0.1), train_data_loader=data)
-    Engine([upper, lower], EngineConfig(train_iters=2, progress_bar=False),
+    Engine([upper, lower], EngineConfig(train_iters=2, progress_bar=bar),
            {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
-    lines = [line for line in capsys.readouterr().out.splitlines() if "| upper" in line]
+    out, err = capsys.readouterr()
+    assert ("2/2" in err) == bar  # the progress bar stays (on standard error), lines go around
+    lines = [line for line in out.splitlines() if "| upper" in line]
     stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] "
     assert [re.match(stamp + r"step +(\d) \| upper +\| loss=", line).group(1)
             for line in lines] == ["1", "2"]
