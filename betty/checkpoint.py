@@ -175,12 +175,33 @@ def save(engine: Engine, path: str | os.PathLike[str] | None = None) -> str:
                                   "EngineConfig.checkpoint_dir to name one")
         path = checkpoint_path(directory, engine.global_step)
     path = os.fspath(path)
+    check_finite_state(engine)
     atomic_save(engine_state(engine), path)
     log.info("checkpoint of global step %d saved to %s", engine.global_step, path)
     if directory is not None and engine.config.keep_checkpoints > 0 and \
             os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
         prune(directory, engine.config.keep_checkpoints)
     return path
+
+
+def check_finite_state(engine: Engine) -> None:
+    """Refuse to save parameters that hold NaN or inf (one host read for all of them): a
+    checkpoint is what a run falls back to, so it must never hold a non-finite value."""
+    from betty.guard import largest_magnitude
+
+    named = [(p.name, n, t) for p in engine.problems if p.module is not None
+             for n, t in p.module.state_dict().items()
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    magnitudes = [largest_magnitude([t]) for _, _, t in named]
+    if not magnitudes:
+        return
+    finite = torch.isfinite(torch.stack([m.float() for m in magnitudes])).tolist()
+    bad = [f"'{name}'.{key}" for (name, key, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise CheckpointError(
+            f"not saving a checkpoint of global step {engine.global_step}: {', '.join(bad[:5])}"
+            f" hold NaN or inf; the last saved checkpoint is left as it was"
+        )
 
 
 def load(engine: Engine, path: str | os.PathLike[str]) -> None:

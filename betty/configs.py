@@ -80,6 +80,7 @@ class Config:
     neumann_alpha: float = 1.0
     cg_iterations: int = 1
     cg_alpha: float = 1.0
+    warm_start: bool = False  # ours: cg/neumann start from the previous outer step's solution
     nystrom_rank: int = 5  # ours: Hessian columns of the Nystrom approximation
     nystrom_rho: float = 0.01  # ours: damping, Nystrom solves (H_k + rho I) x = v
     nystrom_seed: int | None = None  # ours: fixed coordinates; None: from the torch RNG
@@ -105,6 +106,8 @@ class Config:
         if self.nystrom_seed is not None:
             _integer("Config", "nystrom_seed", self.nystrom_seed, minimum=0)
         _integer("Config", "truncation_steps", self.truncation_steps, minimum=0)
+        if not isinstance(self.warm_start, bool):
+            raise ConfigError(f"Config.warm_start={self.warm_start!r} must be True or False")
         if not isinstance(self.log_step, int) or self.log_step == 0 or self.log_step < -1:
             raise ConfigError(
                 f"Config.log_step={self.log_step!r} must be a positive integer, or -1 for never"
@@ -140,6 +143,8 @@ class EngineConfig:
     diagnostics: bool = False  # hypergradient norms, CG residual, Neumann radius, step times
     # several processes (docs/distributed.md): seconds a collective waits before it fails
     distributed_timeout: float = 1800.0
+    # non-finite losses, gradients, hypergradients (docs/reliability.md): raise, skip or off
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +160,8 @@ class EngineConfig:
         _integer("EngineConfig", "early_stopping_tolerance", self.early_stopping_tolerance,
                  minimum=1)
         _positive("EngineConfig", "distributed_timeout", self.distributed_timeout)
+        _choice("EngineConfig", "nonfinite", self.nonfinite, ("raise", "skip", "off"),
+                "a non-finite policy")
         self._validate_checkpointing()
         for name in ("log_dir", "run_name"):
             value = getattr(self, name)

@@ -22,6 +22,7 @@ from betty.diagnostics import Diagnostics
 from betty.distributed import DISTRIBUTED_STRATEGIES, make_strategy
 from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
 from betty.graph import build_graph
+from betty.guard import FiniteGuard
 from betty.logging import ProgressBar, format_metrics, learning_rates, make_logger
 from betty.problems.problem import Problem
 from betty.schedule import Schedule
@@ -63,6 +64,7 @@ class Engine:
         self.stopped_early = False
         self._resumed = False
         self.diagnostics = Diagnostics(enabled=self.config.diagnostics)
+        self.guard = FiniteGuard(self.config.nonfinite)  # EngineConfig.nonfinite
         # one process, or this rank of a torchrun group (betty.distributed); only rank 0 logs
         self.strategy = make_strategy(self.config)
         self.logger = make_logger(
@@ -185,6 +187,7 @@ class Engine:
         for leaf in self.leaves:
             if self._cascade(leaf, roll_back=False) and self.config.roll_back:
                 self._cascade(leaf, roll_back=True)
+        self.guard.end_step(self.global_step)  # the step's one read of its finite flags
 
     def _cascade(self, leaf: Problem, *, roll_back: bool) -> bool:
         """Step ``leaf`` and, depth first, every upper it completes; True if the leaf's
@@ -239,6 +242,7 @@ class Engine:
                     else:
                         with strategy.step_context(self):
                             self.train_step()
+                    self.guard.end_step(step)  # a train_step override may not have read them
                     if step % config.valid_step == 0 and self._has_validation():
                         self.stopped_early = self._validate()
                     self._end_step(progress)

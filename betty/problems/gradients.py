@@ -43,10 +43,15 @@ def checked_loss(owner: str, out: Any, count: int) -> tuple[Tensor, dict[str, An
 class PathGradients:
     """Direct gradient + hypergradients of one problem (``owner``) at each local step."""
 
-    def __init__(self, owner: Any, strategy: Any, diagnostics: Any) -> None:
+    def __init__(self, owner: Any, strategy: Any, diagnostics: Any, guard: Any,
+                 scaled: bool = False) -> None:
         self.owner = owner
         self.strategy = strategy
         self.diagnostics = diagnostics
+        # betty.guard.FiniteGuard; an fp16 loss scaler checks (and skips) its own gradients,
+        # whose overflow is expected while it searches for the scale
+        self.guard = guard
+        self.checks = guard.active and not scaled
         self.seen = False  # a hypergradient reached this problem at least once
 
     @property
@@ -67,9 +72,15 @@ class PathGradients:
         if owner.paths and not owner.config.first_order and not self.seen:
             reached = reverse_paths_reach(owner.paths, loss, wrt)
         paths = self.implicit_paths
+        guard = self.guard
         if not owner.paths and strategy.world_size == 1 and not create_graph:
-            return self._direct_only(loss, wrt, retain_graph)
+            direct = self._direct_only(loss, wrt, retain_graph)
+            if self.checks:
+                guard.observe(owner.name, owner.count, "gradient", direct)
+            return direct
         direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph, retain_graph)
+        if self.checks:
+            guard.observe(owner.name, owner.count, "gradient", direct)
         if strategy.world_size > 1:  # several processes: one all-reduce for all heads
             heads = strategy.average_nested(heads)
         if self.diagnostics is not None and owner.paths:  # EngineConfig.diagnostics
@@ -80,6 +91,8 @@ class PathGradients:
             if hyper is None:
                 continue
             reached = True
+            if self.checks:
+                guard.observe(owner.name, owner.count, "hypergradient", hyper)
             total = [h if d is None else d + h for d, h in zip(total, hyper)]
         if owner.paths and not reached and not self.seen:
             names = [" -> ".join(p.name for p in path) for path in owner.paths]

@@ -245,6 +245,7 @@ class IterativeProblem(Problem):
         assert window is not None and window.w is not None and self._gradients is not None
         loss, loss_dict = self.compute_loss(batch)
         self._last_loss = loss.detach()
+        self.observe_loss()
         micro = self.config.gradient_accumulation
         grads = self._gradients(loss if micro == 1 else loss / micro, window.w,
                                 create_graph=create_graph, retain_graph=self._retain_graph)

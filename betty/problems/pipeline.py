@@ -3,8 +3,8 @@
 For each micro-batch gradient ``g_i`` (direct + hypergradients, of the loss divided by
 ``gradient_accumulation``), in this order (`docs/training.md#the-local-step`):
 
-    grad_callback(g_i) -> accumulate -> [last micro-batch] unscale -> clip
-        -> first-order stop-gradient -> update -> param_callback -> clear -> scheduler
+    grad_callback(g_i) -> accumulate -> [last micro-batch] non-finite guard -> unscale
+        -> clip -> first-order stop-gradient -> update -> param_callback -> clear -> scheduler
 
 Each piece is a small object or function in the shape of an optax transform, and the kind
 of problem supplies only the update: `InPlaceUpdate` (an `ImplicitProblem`: the user's
@@ -158,10 +158,12 @@ class InPlaceUpdate:
 class LocalStep:
     """The pipeline of one problem (see the module docstring)."""
 
-    def __init__(self, hooks: Callable[[], BoundHooks], clip: Clip, update: Update) -> None:
+    def __init__(self, hooks: Callable[[], BoundHooks], clip: Clip, update: Update,
+                 allow: Callable[[], bool] | None = None) -> None:
         self.hooks = hooks
         self.clip = clip
         self.update = update
+        self.allow = allow  # the non-finite guard (betty.guard): False skips the update
         self.accumulator = Accumulator()
 
     def __call__(self, grads: Grads, *, last: bool) -> tuple[bool, Grads | None]:
@@ -174,4 +176,6 @@ class LocalStep:
         total = self.accumulator.add(grads, last=last)
         if total is None:
             return False, None
+        if self.allow is not None and not self.allow():
+            return False, total
         return self.update(total, self.clip), total

@@ -18,6 +18,7 @@ from torch import Tensor
 from betty.diagnostics import active_diagnostics
 from betty.distributed.strategy import strategy_of
 from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
+from betty.guard import FiniteGuard
 from betty.problems import setup
 from betty.problems.base import ProblemBase
 from betty.problems.data import BatchSource, move_to
@@ -71,6 +72,7 @@ class Problem(ProblemBase):
         self._retain_graph = False
         self._replaying = False
         self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
+        self._guard: Any = None  # the engine's FiniteGuard (betty.guard)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -79,8 +81,11 @@ class Problem(ProblemBase):
 
     @property
     def skipped_steps(self) -> int:
-        """Optimizer steps skipped by the fp16 grad scaler (inf/NaN gradients)."""
-        return self._precision.skipped_steps if self._precision is not None else 0
+        """Optimizer steps skipped: by the fp16 grad scaler (inf/NaN gradients), and by the
+        non-finite guard under ``EngineConfig(nonfinite="skip")``."""
+        scaler = self._precision.skipped_steps if self._precision is not None else 0
+        guard = self._guard.skipped.get(self._name, 0) if self._guard is not None else 0
+        return scaler + guard
 
     # -- set-up before training ----------------------------------------------------------
     def check_definition(self) -> None:
@@ -119,9 +124,12 @@ class Problem(ProblemBase):
         self._precision = Precision(self._name, self._config, device)
         self._hooks = bind_hooks(self)
         strategy = strategy_of(self)
-        self._gradients = PathGradients(self, strategy, active_diagnostics(engine))
+        self._guard = getattr(engine, "guard", None) or FiniteGuard("off")
+        self._gradients = PathGradients(self, strategy, active_diagnostics(engine), self._guard,
+                                        scaled=self._precision.scaler is not None)
         self._local_step = LocalStep(lambda: self._hooks, self._make_clip(),
-                                     self._make_update(strategy))
+                                     self._make_update(strategy),
+                                     allow=lambda: self._guard.allow_step(self._name))
         self._keeps_gradient = reads_gradient(self._config, self.optimizer)
         self._retain_graph = self._config.retain_graph or setup.shares_a_window(self)
 
@@ -178,6 +186,11 @@ class Problem(ProblemBase):
             out = self.training_step(batch)
         return checked_loss(self._name, out, self.count)
 
+    def observe_loss(self) -> None:
+        """Hand the latest loss to the non-finite guard (no host read)."""
+        if self._guard.active and self._last_loss is not None:
+            self._guard.observe(self._name, self.count, "loss", [self._last_loss])
+
     def hop_loss(self) -> Tensor:
         """This problem's loss on its current batch, for hypergradient hops through it."""
         loss = self.compute_loss(self.cur_batch)[0]
@@ -209,18 +222,16 @@ class Problem(ProblemBase):
         self.clock.tick(self._training)
         self.cur_batch = self.get_batch()
         loss_dict = self._descend(self.cur_batch)
-        logged = self._log(loss_dict, global_step)
-        ends_window = self.clock.end_step(self._training)
-        if logged or (ends_window and self._device.type == "cpu"):  # host read: free on CPU
-            self.check_finite()
-        return ends_window
+        self._log(loss_dict, global_step)
+        return self.clock.end_step(self._training)
 
     def _descend(self, batch: Any, *, step_scheduler: bool = True) -> dict[str, Any]:
         """Loss, gradient and the pipeline (which steps on the last micro-batch)."""
         assert self._precision is not None and self._gradients is not None
         assert self._local_step is not None
         loss, loss_dict = self.compute_loss(batch)
-        self._last_loss = loss.detach()  # read only when checked
+        self._last_loss = loss.detach()  # read only by the guard, once per global step
+        self.observe_loss()
         micro = 1 if self._replaying else self._config.gradient_accumulation
         if self._precision.scaler is not None or micro != 1:
             loss = self._precision.scale(loss, micro)
@@ -278,13 +289,11 @@ class Problem(ProblemBase):
         return update_jacobian(self._name, self.parameter_list(), self.optimizer, grads,
                                strategy_of(self))
 
-    def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> bool:
+    def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> None:
         log_step = self._config.log_step
         if log_step > 0 and self.count % log_step == 0 and self._engine is not None:
             step = self.count if self._config.log_local_step else global_step
             self._engine.log_metrics(self._name, loss_dict, step)
-            return True
-        return False
 
     # -- modes and state -----------------------------------------------------------------
     def train(self) -> None:

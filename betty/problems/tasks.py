@@ -219,6 +219,9 @@ class TaskBatchedProblem(IterativeProblem):
             loss_dict = {k: (v if v.is_floating_point() else v.double()).mean(0)
                          for k, v in logged.items()}
         self._last_loss = loss_dict["loss"]
+        if self._guard is not None and self._guard.active:
+            self.observe_loss()
+            self._guard.observe(self.name, self.count, "gradient", grads)
         return list(grads), loss_dict
 
     # -- what users call -----------------------------------------------------------------

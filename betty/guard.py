@@ -1,0 +1,106 @@
+"""The non-finite guard (``EngineConfig.nonfinite``): no NaN or inf is applied or saved unseen.
+
+Checked on the device, without a host read where it is checked: every local step's loss, and
+before every optimizer step the problem's own gradient and each path's hypergradient (their
+largest absolute entry, one multi-tensor kernel per vector). The flags are read once per
+global step, all together, at its end (before validation and any checkpoint):
+
+* ``"raise"`` (default): `NonFiniteError` naming the problem, its local and the global step,
+  and whether the loss, the gradient or the hypergradient was not finite. Nothing after the
+  fault is saved: the checkpoint of that global step is never written.
+* ``"skip"``: as the fp16 grad scaler does, an optimizer step whose loss or gradients are not
+  finite is skipped (the parameters and optimizer state stay as they were), counted in
+  ``problem.skipped_steps`` and logged. This reads the flag before each optimizer step.
+* ``"off"``: no checks and no reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from betty.errors import TrainingError
+
+log = logging.getLogger("betty")
+POLICIES = ("raise", "skip", "off")
+
+
+class NonFiniteError(TrainingError):
+    """A loss, gradient or hypergradient held NaN or inf (``EngineConfig.nonfinite``)."""
+
+
+def largest_magnitude(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    """``max |t|`` over all entries as a 0-d tensor on the device (NaN if any entry is NaN,
+    inf if any is inf; the max norm cannot overflow as a sum of squares can)."""
+    present = [t.detach() for t in tensors if t is not None and t.numel()]
+    if not present:
+        return None
+    norms = torch._foreach_norm(present, float("inf"))
+    return norms[0] if len(norms) == 1 else torch.stack(norms).max()
+
+
+class FiniteGuard:
+    """Pending device flags of one engine, with what each one checked."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.active = policy != "off"
+        self._flags: list[Tensor] = []
+        self._values: list[Tensor] = []  # max |entry| of each check, read only on failure
+        self._where: list[tuple[str, int, str]] = []  # (problem, local step, what)
+        self.skipped: dict[str, int] = {}
+
+    def observe(self, owner: str, step: int, what: str,
+                tensors: Sequence[Tensor | None]) -> None:
+        """Record whether ``tensors`` are all finite (no host read)."""
+        if not self.active:
+            return
+        magnitude = largest_magnitude(tensors)
+        if magnitude is not None:
+            self._flags.append(torch.isfinite(magnitude))
+            self._values.append(magnitude)
+            self._where.append((owner, step, what))
+
+    def allow_step(self, owner: str) -> bool:
+        """Before ``owner``'s optimizer step: False if it must be skipped (policy "skip"
+        and a pending check of ``owner`` failed; one host read)."""
+        if self.policy != "skip":
+            return True
+        mine = [i for i, (name, _, _) in enumerate(self._where) if name == owner]
+        if not mine:
+            return True
+        finite = torch.stack([self._flags[i] for i in mine]).tolist()  # the one read
+        bad = [self._where[i] for i, ok in zip(mine, finite) if not ok]
+        keep = set(mine)
+        self._flags = [f for i, f in enumerate(self._flags) if i not in keep]
+        self._values = [v for i, v in enumerate(self._values) if i not in keep]
+        self._where = [w for i, w in enumerate(self._where) if i not in keep]
+        if not bad:
+            return True
+        self.skipped[owner] = self.skipped.get(owner, 0) + 1
+        name, step, what = bad[0]
+        log.warning("problem '%s': %s not finite at local step %d; optimizer step skipped "
+                    "(EngineConfig.nonfinite='skip'; %d skipped so far)", name, what, step,
+                    self.skipped[owner])
+        return False
+
+    def end_step(self, global_step: int) -> None:
+        """End of a global step: read every pending flag at once; raise on the first
+        failure (policy "raise")."""
+        if not self._flags:
+            return
+        finite = torch.stack(self._flags).tolist()  # the global step's one host read
+        where, values = self._where, self._values
+        self._flags, self._values, self._where = [], [], []
+        for ok, value, (name, step, what) in zip(finite, values, where):
+            if not ok and self.policy == "raise":
+                shown = "nan" if value.isnan() else "inf"  # a failure: reads are free now
+                raise NonFiniteError(
+                    f"problem '{name}': the {what} is not finite ({shown}) at its local "
+                    f"step {step}, global step {global_step}; nothing after it was saved. "
+                    "Lower the learning rate, clip gradients (Config.gradient_clipping), "
+                    "check the data, or set EngineConfig(nonfinite='skip') to skip such steps"
+                )
