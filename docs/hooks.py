@@ -13,6 +13,31 @@ PUBLISHED = ("examples/*/README.md", "examples/*/*.png", "examples/*.py", "examp
              "benchmarks/README.md", "benchmarks/*.py")
 
 
+def _listed(nav) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, dict):
+        return set().union(*(_listed(v) for v in nav.values()))
+    if isinstance(nav, list):
+        return set().union(*(_listed(v) for v in nav))
+    return set()
+
+
+def on_config(config):
+    # An example added without touching mkdocs.yml still gets its page in the Examples
+    # section, titled by its README's first heading (up to a colon).
+    listed = _listed(config["nav"])
+    for section in config["nav"]:
+        if isinstance(section, dict) and "Examples" in section:
+            for readme in sorted(ROOT.glob("examples/*/README.md")):
+                relative = readme.relative_to(ROOT).as_posix()
+                if relative not in listed:
+                    heading = next((line for line in readme.read_text().splitlines()
+                                    if line.startswith("# ")), "# " + readme.parent.name)
+                    section["Examples"].append({heading[2:].split(":")[0]: relative})
+    return config
+
+
 def on_files(files: Files, config) -> Files:
     for pattern in PUBLISHED:
         for path in sorted(ROOT.glob(pattern)):

@@ -49,9 +49,8 @@ def test_every_tutorial_file_is_shown_on_a_page():
         assert f'"examples/tutorials/{tutorial.name}"' in shown, tutorial.name
 
 
-def test_every_example_and_guide_is_in_the_nav():
-    for readme in sorted((REPO / "examples").glob("*/README.md")):
-        assert readme.relative_to(REPO).as_posix() in nav(), readme
+def test_every_guide_is_in_the_nav():
+    # (examples missing from the nav are added by docs/hooks.py)
     for page in pages():
         assert page.relative_to(DOCS).as_posix() in nav(), page
 
