@@ -9,7 +9,6 @@ Each piece is an object that owns its state; this class wires them and saves the
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from betty.diagnostics import active_diagnostics
 from betty.distributed.strategy import strategy_of
-from betty.errors import ConfigError, ProblemDefinitionError, TrainingError
+from betty.errors import ConfigError, ProblemDefinitionError
 from betty.guard import FiniteGuard
 from betty.problems import setup
 from betty.problems.base import ProblemBase
@@ -195,16 +194,6 @@ class Problem(ProblemBase):
         """This problem's loss on its current batch, for hypergradient hops through it."""
         loss = self.compute_loss(self.cur_batch)[0]
         return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
-
-    def check_finite(self, loss: Tensor | None = None) -> None:
-        """Raise `TrainingError` if the latest loss is NaN or infinite (one host read)."""
-        loss = self._last_loss if loss is None else loss
-        if loss is not None and not math.isfinite(value := loss.detach().item()):
-            raise TrainingError(
-                f"problem '{self._name}': loss is {value} at local step {self.count} "
-                f"(global step {self._global_step}); lower the learning rate, clip gradients "
-                "(Config.gradient_clipping) or check the data"
-            )
 
     # -- one local step ------------------------------------------------------------------
     def step(self, global_step: int | None = None) -> bool:
