@@ -151,27 +151,10 @@ class Hop:
             out = tuple(torch.zeros_like(p) for p in self.w)
         else:
             assert isinstance(bound, Tensor)
-            out = self._leaf_grads(bound)
+            out = torch.autograd.grad(bound, self.w, retain_graph=True, allow_unused=True,
+                                      materialize_grads=True)
         hx = [t.detach() for t in out]
         return hx if self._average is None else self._average(hx)
-
-    def _leaf_grads(self, s: Tensor) -> Sequence[Tensor]:
-        """``ds/dw``. On one process with leaf parameters, by ``backward`` into ``.grad``
-        (stashed and put back): autograd then sums the several contributions a weight gets
-        in a double backward in place, where ``autograd.grad`` adds them out of place (one
-        parameter-sized temporary more at the peak of every product)."""
-        if self._average is not None or not all(p.is_leaf for p in self.w):
-            return torch.autograd.grad(s, self.w, retain_graph=True, allow_unused=True,
-                                       materialize_grads=True)
-        stashed = [p.grad for p in self.w]
-        for p in self.w:
-            p.grad = None
-        try:
-            s.backward(inputs=self.w, retain_graph=True)
-            return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.w]
-        finally:
-            for p, g in zip(self.w, stashed):
-                p.grad = g
 
     def mixed(self, x: Sequence[Tensor]) -> OptionalVector:
         """``d/dlam <dL/dw, x>``; ``None`` for upper parameters the loss does not reach."""
