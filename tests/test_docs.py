@@ -5,11 +5,14 @@ on a page, and the examples write figures where the docs say."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+
+from betty.configs import Config, EngineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -92,3 +95,12 @@ def test_examples_write_figures_outside_the_committed_ones(common, tmp_path, mon
         text = main.read_text()
         if "savefig" in text and "add_figure_arguments" not in text:
             pytest.fail(f"{main.relative_to(REPO)} draws a figure without add_figure_arguments")
+
+
+def test_every_config_field_is_explained_on_the_configs_page():
+    page = (DOCS / "api" / "configs.md").read_text()
+    for cls in (Config, EngineConfig):
+        for field in dataclasses.fields(cls):
+            assert f"| `{field.name}` | `{field.default!r}` |".replace("'", '"') in page, (
+                f"{cls.__name__}.{field.name} (default {field.default!r}) is not in "
+                "docs/api/configs.md's tables")
