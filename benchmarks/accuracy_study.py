@@ -27,7 +27,9 @@ Tables (relative error ``||h - h*|| / ||h*||`` and cosine to the exact ``h*``):
 6. cg, neumann and nystrom at equal numbers of Hessian-vector products, with time per hop,
    on both;
 7. reinforce on Bernoulli samples (not ridge): the root-mean-square error of the hop against
-   the closed form over many batches, against the batch size N, with and without baseline.
+   the closed form over many batches, against the batch size N, with and without baseline;
+8. cg with K iterations per outer step, cold and warm-started (``Config(warm_start=True)``),
+   along a run in which the upper moves slowly.
 
     python benchmarks/accuracy_study.py
     python benchmarks/accuracy_study.py --dim 50 --condition 1e4 --samples 500
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -57,74 +61,8 @@ from betty.hypergradient import (
 )
 from betty.optim import update_jacobian_diag
 
-Vector = list[Tensor]
-
-
-# -- the ridge problem ------------------------------------------------------------------------
-class Ridge:
-    """Inner ridge loss and outer least squares, in float64, with their closed forms."""
-
-    def __init__(self, dim: int, samples: int, condition: float, seed: int, spike: int = 0
-                 ) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        d = torch.float64
-        q1, _ = torch.linalg.qr(torch.randn(samples, dim, generator=gen, dtype=d))
-        q2, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=d))
-        # X^T X / n has eigenvalues s^2 in [1 / condition, 1]; lam adds a little. spike > 0:
-        # ``spike`` eigenvalues in [0.1, 1] and the rest at 1 / condition (a low-rank H plus
-        # a flat bulk, the shape Nystrom assumes)
-        s = torch.logspace(0, -0.5 * math.log10(condition), dim, dtype=d)
-        if spike:
-            s = torch.cat([torch.logspace(0, -0.5, spike, dtype=d),
-                           torch.full((dim - spike,), condition**-0.5, dtype=d)])
-        self.x = math.sqrt(samples) * q1 @ torch.diag(s) @ q2.T
-        self.y = self.x @ torch.randn(dim, generator=gen, dtype=d) + torch.randn(
-            samples, generator=gen, dtype=d)
-        self.lam = (0.1 + 0.9 * torch.rand(dim, generator=gen, dtype=d)) / condition
-        self.xv = torch.randn(samples, dim, generator=gen, dtype=d)
-        self.yv = self.xv @ torch.randn(dim, generator=gen, dtype=d)
-        self.h = self.x.T @ self.x / samples + torch.diag(self.lam)
-        self.w_star = torch.linalg.solve(self.h, self.x.T @ self.y / samples)
-        self.g = self.xv.T @ (self.xv @ self.w_star - self.yv) / samples
-        self.exact = -self.w_star * torch.linalg.solve(self.h, self.g)
-        eig = torch.linalg.eigvalsh(self.h)
-        self.lambda_min, self.lambda_max = float(eig[0]), float(eig[-1])
-
-    def loss(self, w: Tensor, lam: Tensor) -> Tensor:
-        x, y = self.x.to(w.dtype), self.y.to(w.dtype)
-        return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam * w * w).sum()
-
-
-def hop_result(problem: Ridge, method: Callable, config: Config, *, dtype=torch.float64,
-               direction: Tensor | None = None, p: Tensor | None = None) -> Tensor:
-    """One hop of ``method`` at ``w*`` with ``v = g`` (or ``direction``), as a float64 vector."""
-    w = problem.w_star.to(dtype).clone().requires_grad_()
-    lam = problem.lam.to(dtype).clone().requires_grad_()
-    hop = Hop([w], [lam], lambda: problem.loss(w, lam))
-    if p is not None:
-        hop.update_jacobian = lambda: [p.to(dtype)]
-    v = (problem.g if direction is None else direction).to(dtype)
-    with hop:
-        (out,) = method(hop, [v], config)
-    return out.detach().to(torch.float64)
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    return float(F.cosine_similarity(a, b, dim=0))
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def sci(value: float) -> str:
-    return f"{value:.1e}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _ridge_study import Ridge, cosine, hop_result, rel_err, sci, table  # noqa: E402
 
 
 # -- the studies ------------------------------------------------------------------------------
@@ -273,6 +211,29 @@ def budget_table(problem: Ridge, budgets: Sequence[int], rho: float) -> str:
     return table(["HVPs", "method", "rel. error", "cosine", "ms / hop"], rows)
 
 
+def warm_start_table(problem: Ridge, iterations: Sequence[int], steps: Sequence[int],
+                     drift: float) -> str:
+    """cg with K iterations per outer step, cold (from 0) and warm (from the previous step's
+    solution, ``Config(warm_start=True)``), while the upper moves: ``lam_t = lam_0 (1 + drift
+    t)``. Error against each step's exact hypergradient."""
+    header = ["outer step t"]
+    for k in iterations:
+        header += [f"cg K={k} cold", f"cg K={k} warm"]
+    memories: dict[int, dict] = {k: {} for k in iterations}
+    rows = []
+    for t in range(max(steps) + 1):
+        moved = problem.moved(problem.lam * (1 + drift * t))
+        row: list[object] = [t]
+        for k in iterations:
+            cold = hop_result(moved, cg, Config(type="cg", cg_iterations=k))
+            warm = hop_result(moved, cg, Config(type="cg", cg_iterations=k, warm_start=True),
+                              memory=memories[k])
+            row += [sci(rel_err(cold, moved.exact)), sci(rel_err(warm, moved.exact))]
+        if t in steps:
+            rows.append(row)
+    return table(header, rows)
+
+
 def reinforce_table(sizes: Sequence[int], repeats: int, seed: int) -> str:
     """REINFORCE on Bernoulli(sigmoid(phi)) samples, L(w, s) = 1/2 (w - a_s)^2 (a = 4, 5):
     root-mean-square error of the hop over ``repeats`` batches against the closed form
@@ -328,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="large eigenvalues of the second (spiked) ridge in tables 5-6")
     parser.add_argument("--budget-rho", type=float, default=1e-3,
                         help="nystrom's rho in the equal-budget table")
+    parser.add_argument("--warm-iterations", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--warm-steps", type=int, nargs="+",
+                        default=[0, 1, 2, 5, 10, 20, 50, 100, 200])
+    parser.add_argument("--warm-drift", type=float, default=1e-3,
+                        help="the upper's relative move per outer step in table 8")
     parser.add_argument("--reinforce-sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--reinforce-repeats", type=int, default=200)
     args = parser.parse_args(argv)
@@ -362,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         print(budget_table(p, args.budgets, args.budget_rho))
     print(f"\n### 7. reinforce on Bernoulli samples, {args.reinforce_repeats} batches per N\n")
     print(reinforce_table(args.reinforce_sizes, args.reinforce_repeats, args.seed))
+    print(f"\n### 8. warm-started cg while the upper moves (lam_t = lam_0 (1 + {args.warm_drift:g}"
+          " t)), the ridge above\n")
+    print(warm_start_table(problem, args.warm_iterations, args.warm_steps, args.warm_drift))
 
 
 if __name__ == "__main__":
