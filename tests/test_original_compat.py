@@ -9,6 +9,7 @@ tests/test_original_programs.py.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -168,3 +169,23 @@ def test_log_step_lines_print_to_stdout_by_default(monkeypatch, capsys, bar):
     assert [re.match(stamp + r"step +(\d) \| upper +\| loss=", line).group(1)
             for line in lines] == ["1", "2"]
     assert len(logger.handlers) == 1  # the one default handler, to standard output
+
+
+def test_configured_logging_is_left_alone(monkeypatch):
+    from betty.logging import ensure_console_output
+
+    logger, root = logging.getLogger("betty"), logging.getLogger()
+    mine = logging.StreamHandler(io.StringIO())  # as after logging.basicConfig(level=WARNING)
+    monkeypatch.setattr(root, "handlers", [mine])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    logger.manager._clear_cache()
+    ensure_console_output()  # what every logger_type does
+    assert (logger.level, logger.handlers) == (logging.NOTSET, [])
+    logger.info("not shown")
+    assert mine.stream.getvalue() == ""
+    ensure_console_output(explicit=True)  # logger_type="console"
+    assert (logger.level, logger.handlers) == (logging.INFO, [])
+    logger.info("shown")
+    assert mine.stream.getvalue() == "shown\n"

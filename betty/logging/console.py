@@ -9,9 +9,10 @@ One line per record (a problem, or ``validation``, at one step), aligned in colu
 As in the original Betty, these lines are on by default: the first engine gives the ``betty``
 logger the INFO level and a handler printing to standard output in the original's format
 (``[2024-01-31 12:00:00] [INFO] step 120 | inner | loss=...``), unless logging was configured
-already (a handler on ``betty`` or the root logger, or a level set on ``betty``). Users
-configure it like any logger, e.g. ``logging.getLogger("betty").setLevel("WARNING")`` for
-silence. Nothing is formatted (and no tensor is read) unless that logger is enabled for INFO.
+already (a handler on ``betty`` or the root logger: then its levels decide). Users configure
+it like any logger, e.g. ``logging.getLogger("betty").setLevel("WARNING")`` for silence, or
+``logging.getLogger("betty").setLevel("INFO")`` to see the lines under their own handlers.
+Nothing is formatted (and no tensor is read) unless that logger is enabled for INFO.
 """
 
 from __future__ import annotations
@@ -47,16 +48,19 @@ class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def ensure_console_output() -> None:
+def ensure_console_output(*, explicit: bool = False) -> None:
     """Make INFO lines of the ``betty`` logger visible, unless the user configured logging.
 
-    Adds a standard-output handler only when no handler would receive the lines (no handler
-    on ``betty`` or an ancestor, e.g. none from ``logging.basicConfig``), and lowers the level
-    to INFO only when the ``betty`` logger has no level of its own.
+    When no handler would receive the lines (none on ``betty`` or an ancestor, e.g. none from
+    ``logging.basicConfig``), adds a standard-output handler and, if ``betty`` has no level of
+    its own, sets INFO. When logging is configured, it is left alone: a root level of WARNING
+    keeps betty quiet too. ``explicit`` (``logger_type="console"``) also sets INFO then, when
+    ``betty`` has no level of its own.
     """
-    if log.level == logging.NOTSET:
+    configured = log.hasHandlers()
+    if log.level == logging.NOTSET and (explicit or not configured):
         log.setLevel(logging.INFO)
-    if not log.hasHandlers():
+    if not configured:
         handler = StdoutHandler()
         handler.setFormatter(logging.Formatter(LINE_FORMAT, DATE_FORMAT))
         setattr(handler, _HANDLER_MARK, True)

@@ -139,15 +139,16 @@ def make_logger(logger_type: str = "none", *, log_dir: str | None = None,
     """The `RunLogger` for ``EngineConfig.logger_type``.
 
     Every type writes console lines, as the original Betty does: `ensure_console_output`
-    turns them on unless the user configured logging (only rank 0 of a process group
-    prints). ``"tensorboard"`` writes under `tensorboard_folder`; ``"csv"`` under
+    turns them on unless the user configured logging (``"console"`` turns them on then too,
+    at the ``betty`` logger's level); only rank 0 of a process group prints.
+    ``"tensorboard"`` writes under `tensorboard_folder`; ``"csv"`` under
     ``<log_dir or "runs">/<run_name or a time stamp>``; ``"wandb"`` passes ``run_name`` and
     ``log_dir`` to ``wandb.init``. ``"none"`` and ``"console"`` write nothing else.
     """
     check_available(logger_type)
     main = is_rank_zero()
     if main:
-        ensure_console_output()
+        ensure_console_output(explicit=logger_type == "console")
     folder = os.path.join(log_dir or "runs", run_name or default_run_name())
     factories: list[Factory] = []
     if logger_type == "tensorboard":
