@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import pickle
@@ -123,8 +124,17 @@ def signature(engine: Engine) -> dict[str, dict[str, Any]]:
             "module": {k: list(v.shape) for k, v in module.items()
                        if isinstance(v, torch.Tensor)},
             "trainable": [list(p.shape) for p in problem.trainable_parameters()],
+            "optimizer": _optimizer_layout(problem.optimizer),
         }
     return out
+
+
+def _optimizer_layout(optimizer: Any) -> dict[str, Any] | None:
+    """The optimizer's class and its parameter groups' sizes: what its state must fit."""
+    if optimizer is None:
+        return None
+    return {"class": type(optimizer).__name__,
+            "groups": [len(g["params"]) for g in optimizer.param_groups]}
 
 
 def _check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
@@ -143,6 +153,12 @@ def _check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) 
         if old["trainable"] != new["trainable"] and not diffs:
             diffs.append(f"trainable parameter shapes {old['trainable']} in the checkpoint, "
                          f"{new['trainable']} here")
+        was, now = old.get("optimizer"), new["optimizer"]
+        if was != now:
+            show = [None if o is None else f"{o['class']} with groups of {o['groups']} "
+                    "parameters" for o in (was, now)]
+            diffs.append(f"optimizer {show[0]} in the checkpoint, {show[1]} here (its state "
+                         "would not fit; resume with the optimizer the run was saved with)")
         if diffs:
             problems.append(f"problem '{name}': " + "; ".join(diffs[:4]) +
                             (f"; ... ({len(diffs)} differences)" if len(diffs) > 4 else ""))
@@ -205,16 +221,27 @@ def check_finite_state(engine: Engine) -> None:
 
 
 def load(engine: Engine, path: str | os.PathLike[str]) -> None:
-    """Restore ``engine`` (built for the same program) to the checkpoint at ``path``."""
+    """Restore ``engine`` (built for the same program) to the checkpoint at ``path``: all or
+    nothing (a load that fails leaves the engine exactly as it was)."""
     path = os.fspath(path)
     state = safe_load(path)
     _check_signature(state["signature"], signature(engine), path)
+    before = copy.deepcopy(engine_state(engine))
+    try:
+        _apply(engine, state)
+    except Exception as err:
+        _apply(engine, before)
+        raise CheckpointError(f"checkpoint {path} could not be loaded into this program "
+                              f"({type(err).__name__}: {err}); the engine is unchanged") from err
+    log.info("resumed from %s at global step %d", path, engine.global_step)
+
+
+def _apply(engine: Engine, state: dict[str, Any]) -> None:
     for problem in engine.problems:
         problem.load_training_state(state["problems"][problem.name])
     engine.schedule.load_state_dict(state["schedule"])
     engine.load_loop_state_dict(state["engine"])
     set_rng_state(state["rng"])  # last: replaying the data loaders moved the random state
-    log.info("resumed from %s at global step %d", path, engine.global_step)
 
 
 # -- files -----------------------------------------------------------------------------
@@ -295,12 +322,15 @@ def _fsync_directory(directory: str) -> None:
 
 def safe_load(path: str) -> dict[str, Any]:
     """Check every record's CRC, then ``torch.load(weights_only=True)`` on the CPU."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file in it, "
+                              "or set checkpoint_dir to it and resume_from='latest'")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except Exception as err:  # BadZipFile, OSError, EOFError, and bytes that decode wrongly
         raise CheckpointError(f"checkpoint {path} is truncated or is not a checkpoint "
                               f"({err}); use an earlier one") from None
     if bad is not None:
@@ -315,8 +345,9 @@ def safe_load(path: str) -> dict[str, Any]:
             f"checkpoint {path} holds objects that cannot be loaded safely "
             f"(torch.load with weights_only=True): {why}"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from None
+    except Exception as err:  # a damaged file fails in many ways (decoding, unknown records)
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
+                              f"{err}); use an earlier one") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a betty checkpoint (save one with "
                               "Engine.save_checkpoint)")

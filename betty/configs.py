@@ -6,6 +6,7 @@ Both are dataclasses that check their fields when built, so a typo such as
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,10 +27,19 @@ def _choice(owner: str, field: str, value: object, choices: tuple[str, ...], wha
 
 def _positive(owner: str, field: str, value: object, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)  # type: ignore[arg-type]
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{owner}.{field}={value!r} must be a number {bound}")
+        raise ConfigError(f"{owner}.{field}={value!r} must be a finite number {bound}")
+
+
+def _flags(owner: str, config: object, names: tuple[str, ...]) -> None:
+    """Yes/no fields are bools: ``"no"`` or ``"False"`` would read as True."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{owner}.{name}={value!r} must be True or False (a bool, not "
+                              f"{type(value).__name__})")
 
 
 def _integer(owner: str, field: str, value: object, *, minimum: int) -> None:
@@ -95,6 +105,9 @@ class Config:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that holds an unusable value."""
+        _flags("Config", self, ("first_order", "retain_graph", "allow_unused", "log_local_step",
+                                "darts_multitask", "sama_multitask", "first_order_updates",
+                                "fp16"))
         _check_method(self.type)
         _choice("Config", "precision", self.precision, PRECISIONS, "a supported precision")
         _integer("Config", "unroll_steps", self.unroll_steps, minimum=1)
@@ -151,6 +164,8 @@ class EngineConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that holds an unusable value."""
+        _flags("EngineConfig", self, ("roll_back", "early_stopping", "progress_bar",
+                                      "diagnostics"))
         _integer("EngineConfig", "train_iters", self.train_iters, minimum=0)
         _integer("EngineConfig", "valid_step", self.valid_step, minimum=1)
         _choice("EngineConfig", "logger_type", self.logger_type, LOGGER_TYPES, "a logger")
@@ -167,10 +182,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"EngineConfig.{name}={value!r} must be a str or None")
-        for name in ("progress_bar", "diagnostics"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"EngineConfig.{name}={getattr(self, name)!r} must be True "
-                                  "or False")
 
     def _validate_checkpointing(self) -> None:
         """checkpoint_dir: folder of ``step_<N>.pt`` files (also where Ctrl-C saves);

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from betty import checkpoint
+from betty import checkpoint, program_checks
 from betty.checkpoint_policy import CheckpointPolicy, checkpoint_blockers
 from betty.configs import EngineConfig
 from betty.diagnostics import Diagnostics
 from betty.distributed import DISTRIBUTED_STRATEGIES, make_strategy
 from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
-from betty.graph import build_graph
+from betty.graph import build_graph, resolve_dependencies
 from betty.guard import FiniteGuard
 from betty.logging import ProgressBar, format_metrics, learning_rates, make_logger
 from betty.problems.problem import Problem
@@ -86,6 +86,7 @@ class Engine:
                     "ImplicitProblem or IterativeProblem"
                 )
             problem.check_definition()
+        self.dependencies = resolve_dependencies(self.problems, self.dependencies)  # names ok
         graph = build_graph(self.problems, self.dependencies)
         self.device = self._pick_device()
         for problem in self.problems:
@@ -103,6 +104,10 @@ class Engine:
         for problem in self.problems:
             problem.attach_clock(self.schedule.clock(problem.name))
             problem.initialize(self, self.device)
+        program_checks.check_shared_parameters(self.problems)
+        program_checks.check_windows_fit(self.problems, self.config.train_iters)
+        self._checkpoint_dir_existed = program_checks.check_checkpoint_dir(
+            self.config.checkpoint_dir) if self.strategy.is_main else True
         self.strategy.setup(self)  # shard data; ZeRO optimizers; FSDP modules
         self._buffers = [b for p in self.problems if p.module is not None
                          for b in p.module.buffers()]
@@ -301,11 +306,22 @@ class Engine:
             assert self.config.checkpoint_dir is not None
             path = checkpoint.latest_checkpoint(self.config.checkpoint_dir)
             if path is None:
-                log.info("no checkpoint in %s yet: training from global step %d",
-                         self.config.checkpoint_dir, self.global_step)
+                if not self._checkpoint_dir_existed:  # a first launch, or a mistyped path
+                    log.warning("resume_from='latest': checkpoint_dir %s did not exist (it is "
+                                "created now), so there is nothing to resume; training from "
+                                "global step %d. Check the path if you meant to resume",
+                                self.config.checkpoint_dir, self.global_step)
+                else:
+                    log.info("no checkpoint in %s yet: training from global step %d",
+                             self.config.checkpoint_dir, self.global_step)
                 return
             source = path
         self.load_checkpoint(source)
+        if self.global_step > self.config.train_iters:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {source} is at global step {self.global_step}, past "
+                f"EngineConfig.train_iters={self.config.train_iters}: this run would do "
+                "nothing. Raise train_iters to train further")
 
     def loop_state_dict(self) -> dict[str, Any]:
         """The training loop's own state: global step and early stopping."""

@@ -15,6 +15,7 @@ from typing import Any
 from betty.errors import DependencyError
 
 Node = Hashable
+MAX_PATHS = 10_000  # hypergradient paths per program; each costs a chain of hops per step
 
 
 def _name(node: Any) -> str:
@@ -44,6 +45,56 @@ def _check_members(nodes: Sequence[Any], deps: Mapping[str, Mapping[Any, Iterabl
                         f"dependencies['{kind}'] mentions problem '{_name(node)}', which is not "
                         "in the `problems` list given to Engine; add it to `problems`"
                     )
+
+
+def resolve_dependencies(nodes: Sequence[Any], deps: Mapping[str, Any] | None
+                         ) -> dict[str, dict[Any, list[Any]]]:
+    """``dependencies`` with problem names (str) replaced by the problems, and every value
+    checked to be a list or tuple of problems."""
+    by_name = {_name(n): n for n in nodes}
+
+    def find(kind: str, item: Any) -> Any:
+        if not isinstance(item, str):
+            return item
+        if item not in by_name:
+            raise DependencyError(
+                f"dependencies['{kind}'] names problem '{item}', but `problems` has only "
+                f"{sorted(by_name)}; fix the name or add the problem"
+            )
+        return by_name[item]
+
+    out: dict[str, dict[Any, list[Any]]] = {}
+    for kind, mapping in (deps or {}).items():
+        if not isinstance(mapping, Mapping):
+            raise DependencyError(f"dependencies['{kind}'] must be a dict problem -> "
+                                  f"[problems], got {type(mapping).__name__}")
+        out[kind] = {}
+        for key, values in mapping.items():
+            if not isinstance(values, (list, tuple)):
+                raise DependencyError(
+                    f"dependencies['{kind}'][{_name(find(kind, key))!r}] must be a list of "
+                    f"problems, got {type(values).__name__}; write [{_name(values)}]"
+                )
+            out[kind][find(kind, key)] = [find(kind, v) for v in values]
+    return out
+
+
+def _count_chains(lower: Any, upper: Any, parents: Mapping[Any, list[Any]]) -> int:
+    """Number of l2u chains from ``lower`` up to ``upper``, without enumerating them."""
+    memo: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(lower, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in memo:
+            continue
+        if node is upper:
+            memo[id(node)] = 1
+        elif expanded:
+            memo[id(node)] = sum(memo[id(p)] for p in parents[node])
+        else:
+            stack.append((node, True))
+            stack.extend((p, False) for p in parents[node] if id(p) not in memo)
+    return memo[id(lower)]
 
 
 def _check_names(nodes: Sequence[Any]) -> None:
@@ -104,9 +155,10 @@ def build_graph(
 ) -> ProgramGraph:
     """Check ``dependencies`` and derive the program's structure.
 
-    Raises:
-        DependencyError: unknown keys, a problem missing from ``nodes``, duplicate names, a
-            cycle, or a ``u2l`` edge with no ``l2u`` chain from the lower up to the upper.
+    Problems may be given by name. Raises:
+        DependencyError: unknown keys, a problem missing from ``nodes`` or an unknown name,
+            a value that is not a list, duplicate names, a cycle, a ``u2l`` edge with no
+            ``l2u`` chain from the lower up to the upper, or more than `MAX_PATHS` paths.
     """
     deps = dict(dependencies or {})
     unknown = set(deps) - {"u2l", "l2u"}
@@ -115,6 +167,7 @@ def build_graph(
             f"dependencies has unknown keys {sorted(unknown)}; use 'u2l' and 'l2u' only"
         )
     _check_names(nodes)
+    deps = resolve_dependencies(nodes, deps)
     _check_members(nodes, deps)
     graph = ProgramGraph(nodes=list(nodes))
     for n in nodes:
@@ -134,6 +187,14 @@ def build_graph(
         for lower in lowers:
             if lower is upper:
                 raise DependencyError(f"problem '{_name(upper)}' is listed as its own lower")
+            count = _count_chains(lower, upper, graph.parents)
+            if count > MAX_PATHS:
+                raise DependencyError(
+                    f"dependencies give {count} hypergradient paths from '{_name(upper)}' "
+                    f"through '{_name(lower)}' (more than {MAX_PATHS}): every level feeds "
+                    "several uppers, so the paths multiply; each path costs a chain of hops "
+                    "per step. Remove l2u edges that do not carry a hypergradient"
+                )
             chains = _upward_chains(lower, upper, graph.parents)
             if not chains:
                 raise DependencyError(

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from betty.configs import Config
-from betty.hypergradient.hop import Hop, OptionalVector
+from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
 from betty.linalg import unit
 
 PSEUDO_INVERSE_TOL = 1e-12
@@ -92,6 +92,8 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     """Nyström hop: ``-M (H_k + rho I)^-1 v`` with ``k = nystrom_rank``, ``rho =
     nystrom_rho``."""
     direction, scale = unit(v)  # solve at unit scale (fp16 loss scales overflow HVPs)
+    if isinstance(v, OwnedVector):
+        v.clear()  # the chain's vector is no longer needed: free it before the k HVPs
     n = sum(t.numel() for t in direction)
     coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
     # columns in float32 (float64 if the parameters are): half precision would lose the solve

@@ -64,7 +64,10 @@ def sgd_diag(p: Tensor, g: Tensor, state: State, group: Group) -> Tensor:
     if is_active(momentum):
         keep = 1.0 if state.get("momentum_buffer") is None else 1 - hyper(group, "dampening")
         scale = lr * (1 + momentum * keep) if group["nesterov"] else lr * keep
-    return torch.ones_like(p) * coef(_sign(group) * scale, p)
+    value = coef(_sign(group) * scale, p)
+    if not isinstance(value, Tensor):
+        value = torch.full((), value, dtype=p.dtype, device=p.device)
+    return value.to(p.device).expand_as(p)  # constant: a view, no parameter-sized memory
 
 
 def adam_diag(

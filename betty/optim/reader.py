@@ -116,7 +116,8 @@ class FunctionalOptimizer:
                 "optimizer.param_groups."
             )
 
-    def init_state(self, params: Sequence[Tensor] | None = None) -> list[State]:
+    def init_state(self, params: Sequence[Tensor] | None = None, *, clone: bool = True
+                   ) -> list[State]:
         """The optimizer's current state, one dict per parameter, as detached clones.
 
         A parameter torch.optim has not stepped yet gets the state torch.optim would create
@@ -145,7 +146,8 @@ class FunctionalOptimizer:
                 )
             stored = self.optimizer.state.get(own)
             if stored:
-                state.append({k: _copy(v) for k, v in stored.items() if v is not None})
+                state.append({k: _copy(v) if clone else v  # no copy for read-only use
+                              for k, v in stored.items() if v is not None})
             else:
                 state.append(self.rule.init(param, group))
         return state
@@ -222,7 +224,7 @@ class FunctionalOptimizer:
         Raises:
             ValueError: ``params``, ``grads`` or ``state`` has not one entry per parameter.
         """
-        state = self.init_state(params) if state is None else state
+        state = self.init_state(params, clone=False) if state is None else state  # reads only
         for what, values in (("params", params), ("grads", grads), ("state", state)):
             self._check(what, values)
         diags: list[Tensor] = []

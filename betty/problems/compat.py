@@ -20,8 +20,18 @@ from betty.problems.iterative import IterativeProblem
 from betty.problems.problem import Problem
 
 
-def _problem_takes_device() -> bool:
-    return "device" in inspect.signature(Problem.__init__).parameters
+def problem_takes_device() -> bool:
+    """Whether `Problem`'s constructor takes the original's ``device`` argument (read from
+    the first class in its MRO whose ``__init__`` names its parameters)."""
+    for cls in Problem.__mro__:
+        if "__init__" not in cls.__dict__:
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        named = [p.name for p in parameters
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named != ["self"]:
+            return "device" in named
+    return False
 
 
 class _Renamed(IterativeProblem):
@@ -39,7 +49,7 @@ class _Renamed(IterativeProblem):
             "IterativeProblem (differentiable updates by your own optimizer). Import "
             "IterativeProblem from betty.problems instead.",
             DeprecationWarning, stacklevel=2)
-        if device is not None and _problem_takes_device():
+        if device is not None and problem_takes_device():
             kwargs["device"] = device
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader,
                          **kwargs)

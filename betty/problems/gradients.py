@@ -53,6 +53,7 @@ class PathGradients:
         self.guard = guard
         self.checks = guard.active and not scaled
         self.seen = False  # a hypergradient reached this problem at least once
+        self.moved = False  # a gradient (direct or not) reached its parameters once
 
     @property
     def implicit_paths(self) -> list[list[Any]]:
@@ -115,7 +116,26 @@ class PathGradients:
         grads = list(torch.autograd.grad(loss, list(wrt), retain_graph=retain,
                                          allow_unused=True))
         self._check_used(grads)
+        if not self.moved:
+            self._check_moves(grads)
         return grads
+
+    def _check_moves(self, grads: Grads) -> None:
+        """Checked at the first step only: with no hypergradient path, a loss that uses none
+        of the problem's own parameters would leave them where they are forever."""
+        if any(g is not None for g in grads):
+            self.moved = True
+            return
+        owner = self.owner
+        lowers = [c.name for c in owner.children]
+        fix = (f"its lowers {lowers} have no dependencies['u2l'] entry from "
+               f"'{owner.name}', so no hypergradient reaches it; add "
+               f"dependencies['u2l'] = {{'{owner.name}': {lowers}}} if its parameters enter "
+               "their losses" if lowers else "use them in training_step")
+        raise TrainingError(
+            f"problem '{owner.name}': its loss uses none of its own trainable parameters, "
+            f"so they would never move; {fix}"
+        )
 
     def _direct_and_heads(self, loss: Tensor, wrt: Sequence[Tensor], paths: list[list[Any]],
                           create_graph: bool, retain: bool) -> tuple[Grads, list[Grads]]:

@@ -110,6 +110,7 @@ class Problem(ProblemBase):
         self.module.to(device)
         self.optimizer = setup.given(self.configure_optimizer(), self.optimizer)
         setup.check_optimizer(self)
+        setup.check_has_parameters(self)
         self.scheduler = setup.given(self.configure_scheduler(), self.scheduler)
         self.train_data_loader = setup.given(self.configure_train_data_loader(),
                                              self.train_data_loader)

@@ -83,10 +83,28 @@ def check_sama_optimizer(problem: Any, problems: list[Any]) -> None:
 
 
 def check_data(problem: Any, defines_get_batch: bool) -> None:
-    if problem.train_data_loader is None and not defines_get_batch:
+    loader = problem.train_data_loader
+    if loader is None and not defines_get_batch:
         raise ProblemDefinitionError(
             f"problem '{problem.name}' has no data; pass train_data_loader=..., define "
             "configure_train_data_loader(), or override get_batch()"
+        )
+    if isinstance(loader, tuple) and any(isinstance(t, torch.Tensor) for t in loader):
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}': train_data_loader is a tuple holding tensors, which "
+            "betty reads as one loader per element (each yielding single rows). For one "
+            "dataset of (x, y) batches pass a DataLoader(TensorDataset(x, y), ...) or a list "
+            "of batches [(x, y)]; a tuple is for several loaders"
+        )
+
+
+def check_has_parameters(problem: Any) -> None:
+    """A problem trains its parameters: none that require grad is a definition error."""
+    if not list(problem.trainable_parameters()):
+        raise ProblemDefinitionError(
+            f"problem '{problem.name}' has no trainable parameters (its module has none "
+            "that require grad, or trainable_parameters() returned none); give it a module "
+            "with parameters, or read the module from another problem instead"
         )
 
 
