@@ -69,6 +69,7 @@ class Settings:
     unroll: int = 2  # LM steps per upper step
     test_windows: int = 256
     target: str = "email"
+    target_train_files: int | None = None  # None: all of the target's training files
     methods: tuple[str, ...] = ("darts",)
     variants: tuple[str, ...] = ("domain", "mwn")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -252,7 +253,8 @@ def run(settings: Settings = Settings(), out_dir: str | Path | None = None,
     """Every method and baseline for every seed; writes results, file lists and the plot
     to ``out_dir`` (None: nothing written)."""
     start = time.perf_counter()
-    corpus = load_corpus(settings.target) if corpus is None else corpus
+    if corpus is None:
+        corpus = load_corpus(settings.target, target_train_files=settings.target_train_files)
     runs = [run_one(corpus, settings, seed, name)
             for seed in settings.seeds for name in run_names(settings)]
     result = {"settings": asdict(settings), "domains": corpus.domains, "target": corpus.target,
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="hypergradient method(s) for the learned weights")
     parser.add_argument("--variants", nargs="+", choices=("domain", "mwn"))
     parser.add_argument("--target", choices=tuple(DOMAINS))
+    parser.add_argument("--target-train-files", type=int,
+                        help="keep only this many training files of the target (scarce data)")
     parser.add_argument("--device", help="cpu (default) or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--threads", type=int, default=1,
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else Settings()
-    given = {k: getattr(args, k) for k in ("steps", "target", "device") if getattr(args, k)}
+    given = {k: getattr(args, k) for k in ("steps", "target", "device", "target_train_files")
+             if getattr(args, k)}
     given.update({k: tuple(getattr(args, k)) for k in ("seeds", "methods", "variants")
                   if getattr(args, k)})
     settings = replace(settings, **given, bf16=args.bf16 or settings.bf16)

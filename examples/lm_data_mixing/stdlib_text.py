@@ -149,11 +149,18 @@ class Corpus:
 
 
 def load_corpus(target: str = "email", domains: tuple[str, ...] = tuple(DOMAINS),
-                max_bytes: int | None = None, root: Path | None = None) -> Corpus:
-    """All ``domains`` split by file; ``max_bytes`` caps each train stream (for --quick)."""
+                max_bytes: int | None = None, root: Path | None = None,
+                target_train_files: int | None = None) -> Corpus:
+    """All ``domains`` split by file; ``max_bytes`` caps each stream; ``target_train_files``
+    keeps only that many of the target's training files (drawn by `SPLIT_SEED`): a scarce
+    target, the setting data mixing is for."""
     if target not in domains:
         raise ValueError(f"target {target!r} is not one of the domains {domains}")
     documents = {name: split_files(load_domain(name, root)) for name in domains}
+    if target_train_files is not None:
+        train = documents[target]["train"]
+        kept = random.Random(SPLIT_SEED).sample(train, min(target_train_files, len(train)))
+        documents[target]["train"] = sorted(kept, key=lambda d: d.path)
     streams = {name: {s: stream(docs) for s, docs in splits.items()}
                for name, splits in documents.items()}
     if max_bytes is not None:
