@@ -104,3 +104,29 @@ def test_every_config_field_is_in_the_tables(page):
         for field in dataclasses.fields(cls):
             row = f"| `{field.name}` | `{field.default!r}` |".replace("'", '"')
             assert row in text, f"{cls.__name__}.{field.name} has no row {row} in {page}"
+
+
+# What the API reference shows of these modules (their `__all__`, and the public methods of
+# its classes) must carry a docstring.
+DOCUMENTED = ["betty.optim", "betty.hypergradient", "betty.errors", "betty.logging",
+              "betty.visualize", "betty.envs", "betty.distributed"]
+
+
+@pytest.mark.parametrize("module", DOCUMENTED)
+def test_public_names_have_docstrings(module):
+    griffe = pytest.importorskip("griffe")
+    root = griffe.load(module, search_paths=[str(REPO)])
+    names = root.exports or [n for n, m in root.members.items()
+                             if not n.startswith("_") and not m.is_alias]
+    missing = [] if root.docstring else [module]
+    for name in names:
+        obj = root[name]
+        if not (obj.is_class or obj.is_function):
+            continue
+        if not obj.docstring:
+            missing.append(obj.path)
+        if obj.is_class:
+            missing += [member.path for member_name, member in obj.members.items()
+                        if member.is_function and not member_name.startswith("_")
+                        and not member.docstring]
+    assert not missing, f"public names without a docstring: {missing}"
