@@ -81,8 +81,8 @@ def save_plot(result: dict, path: str | Path) -> None:
             ax.plot(steps, values, style, linewidth=width, label=domain)
         ax.axhline(uniform, color="grey", linewidth=0.8, linestyle=":")
         what = "domain weight" if name.startswith("domain") else "share of the total weight"
-        ax.set(title=f"{label(name)} (mean of {len(runs)} seeds)", xlabel="LM step",
-               ylabel=what, ylim=(0, None))
+        ax.set(xlabel="LM step", ylabel=what, ylim=(0, None))
+        ax.set_title(f"{label(name)} (mean of {len(runs)} seeds)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
