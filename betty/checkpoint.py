@@ -192,6 +192,7 @@ def save(engine: Engine, path: str | os.PathLike[str] | None = None) -> str:
         path = checkpoint_path(directory, engine.global_step)
     path = os.fspath(path)
     check_finite_state(engine)
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     atomic_save(engine_state(engine), path)
     log.info("checkpoint of global step %d saved to %s", engine.global_step, path)
     if directory is not None and engine.config.keep_checkpoints > 0 and \
@@ -269,6 +270,20 @@ def prune(directory: str | os.PathLike[str], keep: int) -> None:
     for _, path in list_checkpoints(directory)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+_TEMPORARY = re.compile(r"^\.step_\d+\.pt\..+\.tmp$")
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete what an earlier process killed mid-save left (``.step_N.pt.*.tmp``): only one
+    process writes a run's checkpoints, so any such file here is litter."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TEMPORARY.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
 
 
 def atomic_save(obj: Any, path: str) -> None:

@@ -16,20 +16,23 @@ from betty.logging.base import Record
 
 
 class CSVLogger:
-    """Writes ``<run folder>/metrics.csv``; ``path`` is the file's full name."""
+    """Writes ``<run folder>/metrics.csv``; ``path`` is the file's full name.
+
+    Rows go to disk as they come and none is kept in memory: a run of any length costs the
+    same memory. A new column rewrites the file once, streaming it row by row through a
+    temporary file; an existing file is continued after reading its header only.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.columns: list[str] = ["step"]
-        self.rows: list[dict[str, Any]] = []
         folder = os.path.dirname(path)
         if folder:
             os.makedirs(folder, exist_ok=True)
         if os.path.exists(path):
             with open(path, newline="") as file:
-                reader = csv.DictReader(file)
-                self.columns = list(reader.fieldnames or self.columns)
-                self.rows = list(reader)
+                header = next(csv.reader(file), None)
+            self.columns = list(header or self.columns)
         self._rewrite()
 
     def write(self, records: Sequence[Record], *, global_step: int) -> None:
@@ -41,21 +44,23 @@ class CSVLogger:
                 row[f"{record.tag}/{key}"] = value
             if record.step is not None and record.step != global_step:
                 row[f"{record.tag}/step"] = record.step
-        self.rows.append(row)
         new = [key for key in row if key not in self.columns]
         if new:
             self.columns.extend(new)
             self._rewrite()
-            return
         with open(self.path, "a", newline="") as file:
             csv.DictWriter(file, self.columns, restval="").writerow(row)
 
     def _rewrite(self) -> None:
+        """The file with the current header, its rows streamed over (empty new cells)."""
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, self.columns, restval="")
+        with open(tmp, "w", newline="") as out:
+            writer = csv.DictWriter(out, self.columns, restval="")
             writer.writeheader()
-            writer.writerows(self.rows)
+            if os.path.exists(self.path):
+                with open(self.path, newline="") as old:
+                    for row in csv.DictReader(old):
+                        writer.writerow(row)
         os.replace(tmp, self.path)
 
     def close(self) -> None:
