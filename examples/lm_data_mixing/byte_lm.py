@@ -29,11 +29,15 @@ class ModelSize:
         return sum(p.numel() for p in byte_lm(self).parameters())
 
 
-def byte_lm(size: ModelSize) -> nn.Module:
-    """``GPT2LMHeadModel`` over bytes, randomly initialised with torch's current seed."""
+def byte_lm(size: ModelSize, attention: str = "sdpa") -> nn.Module:
+    """``GPT2LMHeadModel`` over bytes, randomly initialised with torch's current seed.
+
+    ``attention="eager"`` for second-order methods (cg, neumann): torch's fused CPU attention
+    kernel (float32/bf16 ``sdpa``) has no double backward; the parameters are the same."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=size.context, n_embd=size.width,
+    config = GPT2Config(attn_implementation=attention, vocab_size=VOCAB,
+                        n_positions=size.context, n_embd=size.width,
                         n_layer=size.layers, n_head=size.heads, resid_pdrop=size.dropout,
                         embd_pdrop=size.dropout, attn_pdrop=size.dropout,
                         bos_token_id=0, eos_token_id=0)

@@ -151,9 +151,13 @@ def lr_schedule(settings: Settings):
     return factor
 
 
-def new_lm(settings: Settings, seed: int):
+SECOND_ORDER = ("neumann", "cg")  # Hessian-vector products: double backward
+
+
+def new_lm(settings: Settings, seed: int, method: str | None = None):
     torch.manual_seed(seed)
-    model = byte_lm(settings.size).to(settings.device)
+    attention = "eager" if method in SECOND_ORDER else "sdpa"
+    model = byte_lm(settings.size, attention).to(settings.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings))
@@ -172,7 +176,7 @@ def train_sampler(corpus: Corpus, settings: Settings, seed: int, target_only: bo
 def train_betty(corpus: Corpus, settings: Settings, seed: int, variant: str,
                 method: str) -> dict:
     """The bilevel program: domain weights (``variant="domain"``) or MWN (``"mwn"``)."""
-    model, optimizer, scheduler = new_lm(settings, seed)
+    model, optimizer, scheduler = new_lm(settings, seed, method)
     torch.manual_seed(seed + 1000)
     upper = DomainWeights(len(corpus.domains)) if variant == "domain" else ExampleWeights()
     upper.to(settings.device)
