@@ -10,18 +10,20 @@ one-hot vector. Cost: k Hessian-vector products + one mixed product, no iteratio
 k parameter-sized columns.
 
 Woodbury, written to stay accurate for a W that is singular or indefinite and for a small
-rho: with C = Q R (thin QR, Q orthonormal n x k) and W^+ the pseudo-inverse (eigenvalues of W
-below PSEUDO_INVERSE_TOL of the largest dropped), H_k = Q T Q^T with T = R W^+ R^T, so
+rho, keeping nothing parameter-sized but C. From the Gram matrix G = C^T C (accumulated in
+float64) and its eigenpairs s_i^2, U (directions with s_i^2 below a round-off floor dropped),
+Q = C U diag(1/s) is an orthonormal basis of range(C), never formed; with W^+ the
+pseudo-inverse (eigenvalues below k eps of the largest dropped), H_k = Q T Q^T with the k x k
+T = (Q^T C) W^+ (Q^T C)^T, Q^T C = diag(1/s) U^T G, so
 
     (H_k + rho I)^-1 v = Q (T + rho I)^-1 Q^T v + (v - Q Q^T v) / rho,
 
 a k x k solve in float64 plus the part of v outside the columns' range, divided by rho (that
-part is absent when k >= n). Algebraically this is the paper's ``v/rho - C (W + C^T C /
-rho)^-1 C^T v / rho^2``, which needs W invertible and, where v lies in the columns' range
-(k >= n, say), subtracts two terms of size |v|/rho for a result of size |v|/|H|, losing
-digits in proportion to 1/rho (float32, rho = 1e-4, k = n: 4e-3; this form: 6e-7).
-Memory: C and Q, 2 n k numbers in float32 (float64 for float64 parameters); the k x k
-algebra runs in float64.
+part is absent when the columns span every direction). Algebraically this is the paper's
+``v/rho - C (W + C^T C / rho)^-1 C^T v / rho^2``, which needs W invertible and, where v lies
+in the columns' range (k >= n, say), subtracts two terms of size |v|/rho for a result of
+size |v|/|H|, losing digits in proportion to 1/rho (float32, rho = 1e-4, k = n: 4e-3; this
+form: below 1e-6). Memory: the k columns, in float32 (float64 for float64 parameters).
 
 Which coordinates: a private `torch.Generator` draws them, so the user's random stream is
 never advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at
@@ -44,8 +46,9 @@ from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
 from betty.linalg import unit
 
-PSEUDO_INVERSE_TOL = 1e-12
-"""Eigenvalues of W below this fraction of the largest (in magnitude) count as zero."""
+GRAM_BLOCKS = 64
+"""C^T C and C^T v are accumulated in float64 over this many blocks of coordinates (at least
+4096 each), so the float64 temporary stays a small fraction of C."""
 
 
 def sample_coordinates(n: int, rank: int, seed: int | None) -> Tensor:
@@ -69,22 +72,35 @@ def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
     return out
 
 
-def woodbury_solve(columns: Tensor, block: Tensor, v: Tensor, rho: float) -> Tensor:
-    """``(C W^+ C^T + rho I)^-1 v`` for ``C = columns`` (n x k) and ``v`` (n) of one dtype,
-    ``W = block`` (k x k, symmetrised); the QR of C runs in that dtype, the k x k algebra in
-    float64 (module docstring)."""
-    w64 = block.to(torch.float64)
+def woodbury_solve(rows: Tensor, block: Tensor, v: Tensor, rho: float) -> Tensor:
+    """``(C W^+ C^T + rho I)^-1 v`` for ``C = rows^T`` (``rows``: k x n) and ``v`` (n) of one
+    dtype, ``W = block`` (k x k, symmetrised); the k x k algebra runs in float64 (module
+    docstring)."""
+    k, n = rows.shape
+    eps = torch.finfo(rows.dtype).eps
+    f64 = torch.float64
+    gram = torch.zeros(k, k, dtype=f64, device=rows.device)
+    rows_v = torch.zeros(k, dtype=f64, device=rows.device)
+    size = max(4096, -(-n // GRAM_BLOCKS))
+    for start in range(0, n, size):
+        chunk = rows[:, start:start + size].to(f64)
+        gram += chunk @ chunk.T
+        rows_v += chunk @ v[start:start + size].to(f64)
+    squares, u = torch.linalg.eigh(0.5 * (gram + gram.T))
+    # s^2 below round-off: the columns' own rounding (k eps)^2, or G's (k eps64)
+    floor = max((k * eps) ** 2, k * torch.finfo(f64).eps) * squares.max().clamp_min(0)
+    keep = squares > floor
+    u = u[:, keep] * squares[keep].rsqrt()  # Q = C u
+    w64 = block.to(f64)
     eigenvalues, vectors = torch.linalg.eigh(0.5 * (w64 + w64.T))
-    keep = eigenvalues.abs() > PSEUDO_INVERSE_TOL * eigenvalues.abs().max()
-    basis, triangle = torch.linalg.qr(columns)  # C = Q R
-    half = triangle.to(torch.float64) @ vectors[:, keep]  # T = R W^+ R^T = half diag(1/l) half^T
-    inner = (half / eigenvalues[keep]) @ half.T
-    coefficients = basis.T @ v
-    y = torch.linalg.solve(inner + rho * torch.eye(inner.shape[0], dtype=inner.dtype),
-                           coefficients.to(torch.float64))
-    x = basis @ y.to(basis.dtype)
-    if basis.shape[1] < basis.shape[0]:  # the part of v outside range(C): (I - Q Q^T) v / rho
-        x += (v - basis @ coefficients) / rho
+    kept = eigenvalues.abs() > k * eps * eigenvalues.abs().max()
+    half = (u.T @ gram) @ vectors[:, kept]  # T = half diag(1/l) half^T
+    inner = (half / eigenvalues[kept]) @ half.T
+    coefficients = u.T @ rows_v  # Q^T v
+    y = torch.linalg.solve(inner + rho * torch.eye(inner.shape[0], dtype=f64), coefficients)
+    x = (u @ y).to(rows.dtype) @ rows
+    if u.shape[1] < n:  # the part of v outside range(C): (I - Q Q^T) v / rho
+        x += (v - (u @ coefficients).to(rows.dtype) @ rows) / rho
     return x
 
 
@@ -98,13 +114,13 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
     # columns in float32 (float64 if the parameters are): half precision would lose the solve
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in direction) else torch.float32
-    columns = torch.stack([torch.cat([c.reshape(-1).to(dtype)
-                                      for c in hop.hvp(_one_hot(direction, i))])
-                           for i in coordinates], dim=1)
-    block = columns[torch.tensor(coordinates, device=columns.device)]
+    rows = torch.empty(len(coordinates), n, dtype=dtype, device=direction[0].device)
+    for row, i in zip(rows, coordinates):  # row j = H e_i (H is symmetric)
+        torch.cat([c.reshape(-1).to(dtype) for c in hop.hvp(_one_hot(direction, i))], out=row)
+    block = rows[:, torch.tensor(coordinates, device=rows.device)]
     flat_v = torch.cat([t.reshape(-1).to(dtype) for t in direction])
-    flat_x = woodbury_solve(columns, block, flat_v, config.nystrom_rho)
-    del columns
+    flat_x = woodbury_solve(rows, block, flat_v, config.nystrom_rho)
+    del rows
     parts = torch.split(flat_x, [t.numel() for t in direction])
     x = [part.view_as(t).to(t.dtype) for part, t in zip(parts, direction)]
     return [None if m is None else m * -scale.to(m.dtype) for m in hop.mixed(x)]
