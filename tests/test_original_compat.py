@@ -110,7 +110,9 @@ def test_original_iterative_names_warn_and_are_iterative_problems():
                 return self.module(batch).sum()
 
         with pytest.warns(DeprecationWarning, match=f"{kind.__name__} is the original"):
-            problem = Lower("lower", Config(unroll_steps=3), torch.nn.Linear(1, 1))
+            # the original's order: device is the seventh argument
+            problem = Lower("lower", Config(unroll_steps=3), torch.nn.Linear(1, 1), None,
+                            None, None, "cpu")
         assert isinstance(problem, IterativeProblem) and problem.supports_reverse_mode
         assert problem.config.unroll_steps == 3
 
