@@ -168,8 +168,8 @@ def test_logistic_regression_implicit_cg(run):
 
 
 # -- learning to reweight (Meta-Weight-Net) ------------------------------------------------
-LTR_ARGS = ("--device", "cpu", "--batch_size", "8", "--imbalanced_factor", "10",
-            "--meta_net_hidden_size", "8")
+LTR_ARGS = ("--device", "cuda" if torch.cuda.is_available() else "cpu", "--batch_size", "8",
+            "--imbalanced_factor", "10", "--meta_net_hidden_size", "8")
 
 
 @pytest.mark.slow
@@ -274,7 +274,9 @@ def test_imagenet_pruning(run, tmp_path):
     # each inner step (1..8), then of the darts probes (two evaluations at each outer step)
     steps = g["meta_model"].global_steps
     assert steps[:2] == [1, 2] and sorted(set(steps)) == list(range(1, 9))
-    assert engine.inner.device == torch.device("cpu")
+    want = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    assert engine.inner.device == want  # what the program's validation moves batches to
     saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert saved == ["cls_4.pt", "cls_8.pt", "mwn_4.pt", "mwn_8.pt"]  # validation each epoch
     assert 0 <= engine.best_acc <= 100
