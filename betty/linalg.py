@@ -6,7 +6,7 @@ never read a tensor value on the host, so they add no CPU-GPU synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, overload
 
 import torch
@@ -67,6 +67,26 @@ def _addcmul_(y: Sequence[Tensor], x: Sequence[Tensor], alpha: Tensor, sign: flo
         yi.addcmul_(xi, alpha, value=sign)
 
 
+def conjugate_directions(matvec: MatVec, r: Vector, p: Vector, *, iterations: int
+                         ) -> Iterator[Tensor]:
+    """The CG recursion for ``A x = b`` on the residual ``r = b - A x_0`` and the search
+    direction ``p`` (both updated in place; ``p`` must hold ``r`` on entry): each of the
+    ``iterations`` steps calls ``matvec(p)`` and yields the step size ``a_k`` while ``p``
+    still holds ``p_k``, so that the caller forms ``x_{k+1} = x_k + a_k p_k`` (or any linear
+    image of it) itself. Once the residual vanishes the step sizes become 0 (no NaN)."""
+    rr = dot(r, r)
+    for _ in range(iterations):
+        ap = matvec(p)
+        step = _safe_div(rr, dot(p, ap))
+        yield step
+        _addcmul_(r, ap, step, -1.0)
+        del ap
+        rr_new = dot(r, r)
+        torch._foreach_mul_(p, _safe_div(rr_new, rr))  # p <- r + beta p
+        torch._foreach_add_(p, r)
+        rr = rr_new
+
+
 @overload
 def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector | None = None,
              return_residual: Literal[False] = False, in_place: bool = False,
@@ -85,10 +105,10 @@ def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector
     """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite, from ``x0``
     (default 0).
 
-    Runs exactly ``iterations`` steps. Once the residual vanishes the step sizes become 0, so
-    more iterations than dimensions return the solution instead of NaN. With
-    ``return_residual``, also returns the final residual norm ``||b - A x||`` (CG's recursive
-    residual, a 0-d tensor; no extra matrix-vector product).
+    Runs exactly ``iterations`` steps (`conjugate_directions`); more iterations than
+    dimensions return the solution instead of NaN. With ``return_residual``, also returns the
+    final residual norm ``||b - A x||`` (CG's recursive residual, a 0-d tensor; no extra
+    matrix-vector product).
 
     Memory: four vectors (``x``, the residual, the search direction ``p``, ``A p``), all
     updated in place. ``matvec`` is only ever called with the search-direction list (also for
@@ -106,19 +126,10 @@ def solve_cg(matvec: MatVec, b: Sequence[Tensor], *, iterations: int, x0: Vector
         torch._foreach_copy_(p, x)
         torch._foreach_sub_(r, matvec(p))
     torch._foreach_copy_(p, r)
-    rr = dot(r, r)
-    for _ in range(iterations):
-        ap = matvec(p)
-        step = _safe_div(rr, dot(p, ap))
+    for step in conjugate_directions(matvec, r, p, iterations=iterations):
         _addcmul_(x, p, step)
-        _addcmul_(r, ap, step, -1.0)
-        del ap
-        rr_new = dot(r, r)
-        torch._foreach_mul_(p, _safe_div(rr_new, rr))  # p <- r + beta p
-        torch._foreach_add_(p, r)
-        rr = rr_new
     if return_residual:
-        return x, torch.sqrt(rr)
+        return x, torch.sqrt(dot(r, r))
     return x
 
 

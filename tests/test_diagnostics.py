@@ -141,8 +141,10 @@ def program(inner_config: Config, **engine_config) -> Engine:
 
 def test_off_by_default_and_free_when_off(monkeypatch):
     calls = []
-    real = Hop.hvp
+    real, real_both = Hop.hvp, Hop.hvp_and_mixed  # neumann takes (H x, M x) from one pass
     monkeypatch.setattr(Hop, "hvp", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(Hop, "hvp_and_mixed",
+                        lambda self, x: calls.append(1) or real_both(self, x))
     engine = program(Config(type="neumann", neumann_iterations=2, neumann_alpha=0.1))
     assert not EngineConfig().diagnostics and not engine.diagnostics.enabled
     engine.run()

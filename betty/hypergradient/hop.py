@@ -171,6 +171,18 @@ class Hop:
                                   allow_unused=True)
         return list(out)  # no create_graph: already free of the graph
 
+    def hvp_and_mixed(self, x: Sequence[Tensor]) -> tuple[list[Tensor], OptionalVector]:
+        """``(H x, M x)``; for the bound vector from one backward pass (so a solver can
+        accumulate ``M x_K = sum_k c_k M p_k``, upper-sized, instead of keeping ``x_K``)."""
+        bound = self._bound_to(x)
+        if not isinstance(bound, Tensor):
+            return self.hvp(x), self.mixed(x)
+        n = len(self.w)
+        out = torch.autograd.grad(bound, self.w + self.lam, retain_graph=True,
+                                  allow_unused=True)
+        hx = [torch.zeros_like(p) if t is None else t.detach() for t, p in zip(out, self.w)]
+        return (hx if self._average is None else self._average(hx)), list(out[n:])
+
     # -- first-order closures ----------------------------------------------------------
     def upper_grads_at(self, direction: Sequence[Tensor], scales: Sequence[Tensor],
                        restore: bool = True) -> list[OptionalVector]:
