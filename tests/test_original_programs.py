@@ -139,17 +139,17 @@ def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, capsy
     assert (engine.inner.count, engine.outer.count) == (100, 1)
     assert Path("data.t7").exists()  # the program's own side effect, in the run's folder
     # after one outer step SGD's momentum buffer holds exactly that step's gradient
-    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"]
+    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"].cpu()
     want = hpo_reference(g, reverse=True)
     assert torch.allclose(hypergradient.double(), want, rtol=1e-3, atol=1e-6)
-    assert torch.equal(engine.outer.module.w.detach(),
+    assert torch.equal(engine.outer.module.w.detach().cpu(),
                        (1 - hypergradient).clamp(min=1e-8))  # lr 1, then param_callback
     # Config(log_step=1) on the outer: one console line by default, the original's format
     lines = [line for line in capsys.readouterr().out.splitlines() if "| outer" in line]
     assert len(lines) == 1, lines
     stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] "
     loss = float(re.match(stamp + r"step +100 \| outer +\| loss=(\S+)", lines[0]).group(1))
-    want = F.binary_cross_entropy_with_logits(g["x_val"] @ engine.inner.module.w.detach(),
+    want = F.binary_cross_entropy_with_logits(g["x_val"] @ engine.inner.module.w.detach().cpu(),
                                               g["y_val"])  # at the w it differentiated
     assert loss == pytest.approx(want.item(), rel=1e-5)
 
@@ -160,7 +160,7 @@ def test_logistic_regression_implicit_cg(run):
     g = run("logistic_regression_hpo/logistic_regression_implicit.py", iters=100)
     engine = g["engine"]
     assert (engine.inner.count, engine.outer.count) == (100, 1)
-    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"]
+    hypergradient = engine.outer.optimizer.state[engine.outer.module.w]["momentum_buffer"].cpu()
     want = hpo_reference(g, reverse=False)
     cosine = F.cosine_similarity(hypergradient.double(), want, dim=0).item()
     assert cosine > 0.99, cosine  # 3 CG iterations on a well-conditioned 20x20 system
