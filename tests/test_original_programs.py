@@ -69,6 +69,7 @@ def run(monkeypatch, tmp_path):
             monkeypatch.setattr(logger, "handlers", [])
             monkeypatch.setattr(logger, "level", logging.NOTSET)
             logger.manager._clear_cache()
+
         def capped(config: Any) -> None:  # the harness's only hold on the program
             config.train_iters = min(config.train_iters, iters)
             if valid is not None:
@@ -81,7 +82,10 @@ def run(monkeypatch, tmp_path):
             monkeypatch.setitem(sys.modules, name, module)
         if not torch.cuda.is_available():  # the iMAML program calls .cuda() on its batches
             monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # DARTS sets it: restore it after
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible or "")  # recorded: undone after
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
         monkeypatch.setattr(sys, "argv", [str(path), *argv])
         monkeypatch.syspath_prepend(str(path.parent))
         monkeypatch.chdir(tmp_path)
