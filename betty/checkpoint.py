@@ -133,7 +133,8 @@ def _optimizer_layout(optimizer: Any) -> dict[str, Any] | None:
     """The optimizer's class and its parameter groups' sizes: what its state must fit."""
     if optimizer is None:
         return None
-    return {"class": type(optimizer).__name__,
+    local = getattr(optimizer, "optim", optimizer)  # ZeRO wraps the user's optimizer class
+    return {"class": type(local).__name__,
             "groups": [len(g["params"]) for g in optimizer.param_groups]}
 
 
@@ -227,11 +228,15 @@ def load(engine: Engine, path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     state = safe_load(path)
     _check_signature(state["signature"], signature(engine), path)
-    before = copy.deepcopy(engine_state(engine))
+    try:
+        before: dict[str, Any] | None = copy.deepcopy(engine_state(engine))
+    except RuntimeError:  # ZeRO: the full optimizer state exists on one rank only
+        before = None  # the checks above are then the whole guarantee
     try:
         _apply(engine, state)
     except Exception as err:
-        _apply(engine, before)
+        if before is not None:
+            _apply(engine, before)
         raise CheckpointError(f"checkpoint {path} could not be loaded into this program "
                               f"({type(err).__name__}: {err}); the engine is unchanged") from err
     log.info("resumed from %s at global step %d", path, engine.global_step)

@@ -73,7 +73,7 @@ class FullyShard(DataParallel):
             self._sharded.append(problem.module)
             # its parameters now change identity (shards between steps, gathered copies
             # inside them): drop the copy of trainable_parameters() read at initialize
-            problem.refresh_parameters()
+            problem.refresh_parameters(cache=False)
             if problem.optimizer is not None:
                 after = dict(problem.module.named_parameters())
                 moved = {id(p): after[name] for name, p in before.items()}

@@ -28,9 +28,9 @@ form: below 1e-6). Memory: the k columns, in float32 (float64 for float64 parame
 Which coordinates: a private `torch.Generator` draws them, so the user's random stream is
 never advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at
 every step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU random
-state as it stands when the hop runs, so the coordinates change from step to step as the
-user's stream moves (as the paper's fresh ``randperm``), and a run is reproducible from
-``torch.manual_seed``. Several processes must draw the same coordinates: either every rank
+state (and the CUDA one of the parameters' device) as it stands when the hop runs, so the
+coordinates change from step to step as the user's stream moves (as the paper's fresh
+``randperm``), and a run is reproducible from ``torch.manual_seed``. Several processes must draw the same coordinates: either every rank
 seeds torch alike, or set ``nystrom_seed``.
 """
 
@@ -51,11 +51,15 @@ GRAM_BLOCKS = 64
 4096 each), so the float64 temporary stays a small fraction of C."""
 
 
-def sample_coordinates(n: int, rank: int, seed: int | None) -> Tensor:
+def sample_coordinates(n: int, rank: int, seed: int | None,
+                       device: torch.device | None = None) -> Tensor:
     """The ``min(rank, n)`` distinct flat coordinates whose Hessian columns Nyström uses
-    (CPU int64); ``seed=None`` seeds from the CPU random state, which is read, not advanced."""
+    (CPU int64); ``seed=None`` seeds from the CPU random state and, for parameters on a CUDA
+    ``device``, that device's (where dropout draws), both read, not advanced."""
     if seed is None:
         state = torch.get_rng_state().numpy().tobytes()
+        if device is not None and device.type == "cuda":
+            state += torch.cuda.get_rng_state(device).numpy().tobytes()
         seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[: min(rank, n)]
@@ -111,7 +115,8 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     if isinstance(v, OwnedVector):
         v.clear()  # the chain's vector is no longer needed: free it before the k HVPs
     n = sum(t.numel() for t in direction)
-    coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed).tolist()
+    coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed,
+                                     direction[0].device).tolist()
     # columns in float32 (float64 if the parameters are): half precision would lose the solve
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in direction) else torch.float32
     rows = torch.empty(len(coordinates), n, dtype=dtype, device=direction[0].device)

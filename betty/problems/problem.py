@@ -66,6 +66,7 @@ class Problem(ProblemBase):
         self._rollback = RollBack()
         self._hooks = BoundHooks()
         self._param_list: list[Tensor] | None = None
+        self._param_cacheable = True
         self._last_grads: list[Tensor | None] | None = None  # sama's P reads them
         self._keeps_gradient = False
         self._retain_graph = False
@@ -149,11 +150,15 @@ class Problem(ProblemBase):
         cached = self._param_list
         return cached if cached is not None else self.trainable_parameters()
 
-    def refresh_parameters(self) -> None:
-        """Re-read `trainable_parameters()` (after the module's parameters were replaced)."""
+    def refresh_parameters(self, *, cache: bool | None = None) -> None:
+        """Re-read `trainable_parameters()` (after the module's parameters were replaced).
+        ``cache=False``: read it at every use from now on (FSDP swaps a module's parameter
+        objects between sharded and unsharded ones)."""
+        if cache is not None:
+            self._param_cacheable = cache
         overridden = type(self).trainable_parameters not in LIBRARY_PARAMETERS
-        self._param_list = None if overridden or self.module is None else \
-            list(self.trainable_parameters())
+        keep = self._param_cacheable and not overridden and self.module is not None
+        self._param_list = list(self.trainable_parameters()) if keep else None
 
     def hop_memory(self, upper: str) -> dict[str, Any]:
         """What hypergradient methods keep across outer steps for the hop from this problem

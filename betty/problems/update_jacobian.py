@@ -38,4 +38,5 @@ def update_jacobian(owner: str, params: Sequence[Tensor], optimizer: Any,
     except TypeError as err:
         raise HypergradientError(f"problem '{owner}' (Config.type='sama'): {err}") from None
     by_id = {id(p): d for p, d in zip(own, diag)}
-    return [by_id.get(id(p), torch.zeros_like(p)) for p in params]
+    # not by_id.get(..., zeros_like(p)): that allocates a parameter-sized default every time
+    return [by_id[id(p)] if id(p) in by_id else torch.zeros_like(p) for p in params]
