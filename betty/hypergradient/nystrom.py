@@ -25,13 +25,13 @@ in the columns' range (k >= n, say), subtracts two terms of size |v|/rho for a r
 size |v|/|H|, losing digits in proportion to 1/rho (float32, rho = 1e-4, k = n: 4e-3; this
 form: below 1e-6). Memory: the k columns, in float32 (float64 for float64 parameters).
 
-Which coordinates: a private `torch.Generator` draws them, so the user's random stream is
-never advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at
-every step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU random
-state (and the CUDA one of the parameters' device) as it stands when the hop runs, so the
-coordinates change from step to step as the user's stream moves (as the paper's fresh
-``randperm``), and a run is reproducible from ``torch.manual_seed``. Several processes must draw the same coordinates: either every rank
-seeds torch alike, or set ``nystrom_seed``.
+Which coordinates: a private `torch.Generator` draws them, so the user's random stream is never
+advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at every
+step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU random state
+(and the CUDA one of the parameters' device) as it stands when the hop runs, so the coordinates
+change from step to step as the user's stream moves (as the paper's fresh ``randperm``), and a
+run is reproducible from ``torch.manual_seed``. Several processes must draw the same
+coordinates: either every rank seeds torch alike, or set ``nystrom_seed``.
 """
 
 from __future__ import annotations
