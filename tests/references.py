@@ -1,7 +1,7 @@
 """Dense, hand-written references for the hypergradient tests (float64 matrices, no betty).
 
 Everything here forms matrices explicitly and solves with `torch.linalg`, so it shares no code
-path with the library's matrix-free vector-Jacobian products. Formulas follow MATH.md.
+path with the library's matrix-free vector-Jacobian products. Formulas follow docs/math.md.
 
 Two families:
 
@@ -10,7 +10,7 @@ Two families:
 * any smooth loss of several levels' parameters (flat vectors keyed by problem name), with
   ``H`` and the mixed block ``C = d2L/dw dlam`` read off the dense joint Hessian. One hop maps
   ``v`` to ``-C^T x`` with ``x`` the solver's approximation of ``H^-1 v`` (the identity for
-  darts), and a path multiplies its hops right to left (MATH.md, "Chaining").
+  darts), and a path multiplies its hops right to left (docs/math.md#chaining).
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ Three layers, each checked against matrices formed explicitly in the test:
   Krylov-Galerkin projection its K-th iterate must equal, Neumann against the closed-form
   geometric sum;
 * one hop (`betty.hypergradient` methods on a `Hop`) on ridge regression, whose hypergradient
-  has a closed form (MATH.md): ``-w* * (H^-1 g)`` for cg/neumann, ``-w* * g`` for darts;
+  has a closed form (docs/math.md): ``-w* * (H^-1 g)`` for cg/neumann, ``-w* * g`` for darts;
 * whole programs through `Engine` (the user path): ridge regression, three-level programs and
   a learning-by-ignoring-shaped program with two paths to the same upper, against the product
-  of dense per-hop Jacobians ``-C^T H^-1`` along every path (MATH.md, "Chaining").
+  of dense per-hop Jacobians ``-C^T H^-1`` along every path (docs/math.md#chaining).
 
 Every optimizer in the programs has ``lr=0``, so the parameters the engine differentiates at
 are exactly the ones the reference sees; each problem records the gradient it computed (direct

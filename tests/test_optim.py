@@ -3,7 +3,7 @@
 Each case builds the same optimizer twice over the same initial parameters (a (3, 4) and a
 (4,) tensor in one group, a (2,) tensor in a second group with its own lr): torch.optim
 steps one copy, FunctionalOptimizer the other. SAMA's P is checked against the exact
-Jacobian of the functional step (torch.func.jacrev), as betty's MATH.md prescribes.
+Jacobian of the functional step (torch.func.jacrev), as docs/math.md#sama prescribes.
 """
 
 from __future__ import annotations

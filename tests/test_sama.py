@@ -1,4 +1,4 @@
-"""SAMA through `Engine` against hand-written references, in float64 (MATH.md, "sama").
+"""SAMA through `Engine` against hand-written references, in float64 (docs/math.md#sama).
 
 The program is ridge regression: the inner problem ``L(w, lam) = 1/2 ||X w - y||^2 / n +
 1/2 sum_i lam_i w_i^2`` is trained by a real optimizer (lr > 0), the outer problem's loss

@@ -40,7 +40,7 @@ class Recorder:
 
 
 class RidgeLower(Recorder, ImplicitProblem):
-    """L(w, lam) = 1/2 mean((x w - y)^2) + 1/2 sum(lam * w^2)  (MATH.md's ridge)."""
+    """L(w, lam) = 1/2 mean((x w - y)^2) + 1/2 sum(lam * w^2)  (docs/math.md#ridge-regression)."""
 
     def training_step(self, batch):
         x, y = batch
