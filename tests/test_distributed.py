@@ -6,7 +6,7 @@ rank r the samples r, r+2, ..., so the ranks' step-k batches together are exactl
 single process's step-k batch, and the mean loss of the union is the mean of the two local
 means). After 8 global steps (4 outer steps, two of them across an epoch end of each
 loader) the upper and lower parameters of both ranks must equal the reference's to 1e-5 in
-float32, for darts, sama (lower Adam), neumann, cg, reverse mode and a three-level chain
+float32, for darts, sama (lower Adam), neumann, cg, nystrom, reverse mode and a three-level chain
 whose path hops twice, under strategy='distributed', 'zero' and (where this PyTorch's FSDP2
 runs on gloo) 'fsdp'. MAML with a `TaskBatchedProblem` shards tasks instead of samples: each
 rank adapts its own T/2 of the T tasks, and must end where one process adapting all T ends
@@ -56,7 +56,7 @@ HALF = 4  # where checkpoints are saved and resumed
 TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
-METHODS = ["darts", "sama", "neumann", "cg", "reverse", "chain3"]
+METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reverse", "chain3"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -134,7 +134,8 @@ def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
     reverse = method == "reverse"
     settings = {"darts": {}, "sama": {}, "reverse": {},
                 "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
-                "cg": {"cg_iterations": 3}}[method]
+                "cg": {"cg_iterations": 3},
+                "nystrom": {"nystrom_rank": 3, "nystrom_seed": 0}}[method]
     model = torch.nn.Linear(DIM, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05) if method == "sama" else \
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
