@@ -31,7 +31,9 @@ step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU 
 (and the CUDA one of the parameters' device) as it stands when the hop runs, so the coordinates
 change from step to step as the user's stream moves (as the paper's fresh ``randperm``), and a
 run is reproducible from ``torch.manual_seed``. Several processes must draw the same
-coordinates: either every rank seeds torch alike, or set ``nystrom_seed``.
+coordinates: either every rank seeds torch alike, or set ``nystrom_seed``. Only a fixed
+``nystrom_seed`` makes several ranks draw what one process on the union batch draws (their
+random streams differ, e.g. by the data loaders' draws; tests/test_distributed.py).
 """
 
 from __future__ import annotations
