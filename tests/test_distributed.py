@@ -56,7 +56,8 @@ HALF = 4  # where checkpoints are saved and resumed
 TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
-METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reverse", "chain3"]
+# reinforce: its hop (-M v) on this program's loss, which reaches the upper without samples
+METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "reverse", "chain3"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -132,7 +133,7 @@ def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
             **engine_kwargs: Any) -> Engine:
     torch.manual_seed(0)
     reverse = method == "reverse"
-    settings = {"darts": {}, "sama": {}, "reverse": {},
+    settings = {"darts": {}, "sama": {}, "reverse": {}, "reinforce": {},
                 "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
                 "cg": {"cg_iterations": 3},
                 "nystrom": {"nystrom_rank": 3, "nystrom_seed": 0}}[method]
