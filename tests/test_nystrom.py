@@ -121,6 +121,33 @@ def test_low_rank_is_woodbury_of_sampled_columns(matrix, rank):
         assert tl.rel_err(out, full) < EXACT
 
 
+def test_zero_hessian_and_non_contiguous_parameters():
+    """A loss linear in w (H = 0, every column zero): x = v / rho. A transposed (non-contiguous)
+    parameter: columns and solution follow its ``reshape(-1)`` order; full rank gives the
+    dense ``-(A + rho I)^-1 v``."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(4, generator=gen, dtype=DTYPE, requires_grad=True)
+    lam = torch.randn(4, generator=gen, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(4, generator=gen, dtype=DTYPE)
+    hop = Hop([w], [lam], lambda: (w * lam).sum())
+    with hop:
+        (out,) = nystrom(hop, [v], Config(type="nystrom", nystrom_rank=2, nystrom_rho=0.5,
+                                          nystrom_seed=0))
+    assert tl.rel_err(out, -v / 0.5) < EXACT
+    a = spd(10)
+    wt = torch.randn(2, 3, generator=gen, dtype=DTYPE).t().requires_grad_()  # shape (3, 2)
+    assert not wt.is_contiguous()
+    lam6 = torch.randn(6, generator=gen, dtype=DTYPE, requires_grad=True)
+    v6 = torch.randn(3, 2, generator=gen, dtype=DTYPE)
+    hop = Hop([wt], [lam6], lambda: 0.5 * wt.reshape(-1) @ a @ wt.reshape(-1)
+              + (lam6 * wt.reshape(-1)).sum())
+    with hop:
+        (out,) = nystrom(hop, [v6], Config(type="nystrom", nystrom_rank=6, nystrom_rho=0.1,
+                                           nystrom_seed=0))
+    expected = -torch.linalg.solve(a + 0.1 * torch.eye(6, dtype=DTYPE), v6.reshape(-1))
+    assert tl.rel_err(out, expected) < EXACT
+
+
 def test_default_seed_follows_torch_rng_without_advancing_it():
     """nystrom_seed=None: the columns are a function of the CPU random state at the hop
     (same state, same columns; `sample_coordinates(..., None)` re-derives them), and the

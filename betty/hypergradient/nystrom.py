@@ -68,8 +68,9 @@ def sample_coordinates(n: int, rank: int, seed: int | None,
 
 
 def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
-    """The flat unit vector ``e_index`` in the shapes of ``like``."""
-    out = [torch.zeros_like(t) for t in like]
+    """The flat unit vector ``e_index`` in the shapes of ``like`` (contiguous, so that flat
+    positions follow ``reshape(-1)`` even for channels-last parameters)."""
+    out = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like]
     for t in out:
         if index < t.numel():
             t.view(-1)[index] = 1.0
