@@ -94,6 +94,10 @@ class Config:
     nystrom_rank: int = 5  # ours: Hessian columns of the Nystrom approximation
     nystrom_rho: float = 0.01  # ours: damping, Nystrom solves (H_k + rho I) x = v
     nystrom_seed: int | None = None  # ours: fixed coordinates; None: from the torch RNG
+    f2sa_lambda: float = 10.0  # ours, F2SA: the penalty at the first outer step
+    f2sa_lambda_growth: float = 0.01  # ours, F2SA: added to the penalty every outer step
+    f2sa_steps: int = 5  # ours, F2SA: steps of the penalized copy per outer step
+    f2sa_lr: float = 0.1  # ours, F2SA: their step size (below 2 / the lower's smoothness)
     truncation_steps: int = 0  # ours: reverse mode back-propagates the last N updates only
     first_order_updates: bool = False  # ours, TaskBatchedProblem: first-order MAML
     fp16: bool = False  # the original's earlier spelling of precision="fp16"
@@ -116,6 +120,8 @@ class Config:
         _integer("Config", "neumann_iterations", self.neumann_iterations, minimum=0)
         _integer("Config", "cg_iterations", self.cg_iterations, minimum=1)
         _integer("Config", "nystrom_rank", self.nystrom_rank, minimum=1)
+        _integer("Config", "f2sa_steps", self.f2sa_steps, minimum=1)
+        _positive("Config", "f2sa_lambda_growth", self.f2sa_lambda_growth, allow_zero=True)
         if self.nystrom_seed is not None:
             _integer("Config", "nystrom_seed", self.nystrom_seed, minimum=0)
         _integer("Config", "truncation_steps", self.truncation_steps, minimum=0)
@@ -126,7 +132,8 @@ class Config:
                 f"Config.log_step={self.log_step!r} must be a positive integer, or -1 for never"
             )
         _positive("Config", "gradient_clipping", self.gradient_clipping, allow_zero=True)
-        for name in ("darts_alpha", "sama_adam_alpha", "neumann_alpha", "cg_alpha", "nystrom_rho",
+        for name in ("f2sa_lambda", "f2sa_lr", "darts_alpha", "sama_adam_alpha", "neumann_alpha",
+                     "cg_alpha", "nystrom_rho",
                      "initial_dynamic_scale", "scale_factor"):
             _positive("Config", name, getattr(self, name))
 

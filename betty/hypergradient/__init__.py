@@ -16,6 +16,7 @@ from torch import Tensor
 from betty.configs import Config
 from betty.hypergradient.cg import cg
 from betty.hypergradient.darts import darts
+from betty.hypergradient.f2sa import f2sa
 from betty.hypergradient.hop import Hop, OptionalVector
 from betty.hypergradient.neumann import neumann
 from betty.hypergradient.nystrom import nystrom
@@ -25,7 +26,7 @@ from betty.hypergradient.sama import sama
 Method = Callable[[Hop, Sequence[Tensor], Config], OptionalVector]
 
 METHODS: dict[str, Method] = {"darts": darts, "neumann": neumann, "cg": cg, "sama": sama,
-                              "nystrom": nystrom, "reinforce": reinforce}
+                              "nystrom": nystrom, "reinforce": reinforce, "f2sa": f2sa}
 
 
 def register(name: str, method: Method) -> None:
@@ -48,5 +49,5 @@ def register(name: str, method: Method) -> None:
     METHODS[name] = method
 
 
-__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "neumann", "nystrom", "register",
+__all__ = ["METHODS", "Hop", "Method", "cg", "darts", "f2sa", "neumann", "nystrom", "register",
            "reinforce", "sama", "score_function_loss"]

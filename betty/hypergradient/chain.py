@@ -32,7 +32,7 @@ def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> OwnedVector | Non
                        t if t.is_contiguous() else t.contiguous() for t, p in zip(v, like))
 
 
-def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
+def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *, memory_key: str = "",
                 report: Callable[[str, Tensor], None] | None = None) -> OptionalVector:
     """Contribution of ``v`` (w.r.t. ``lower``'s parameters) to ``upper``'s parameters;
     the method reports its diagnostics to ``report`` (None: diagnostics off)."""
@@ -46,7 +46,9 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *,
               probe_context=full_precision,
               average=None if strategy.world_size == 1 else strategy.all_average)
     hop.update_jacobian = lower.update_jacobian
-    hop.memory = lower.hop_memory(upper.name)  # warm starts: kept by the lower, checkpointed
+    # warm starts: kept by the lower per path and hop (two paths through one hop solve for
+    # different vectors), checkpointed with it
+    hop.memory = lower.hop_memory(memory_key or upper.name)
     hop.report = report
     with hop:
         return method(hop, v, lower.config)
@@ -79,7 +81,8 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
         if vec is None:
             return None
         report = None if diagnostics is None else diagnostics.reporter(owner.name, lower.name)
-        vec = _materialize(hop_through(lower, upper, vec, report=report),
+        key = f"{' > '.join(p.name for p in path)} #{i}"
+        vec = _materialize(hop_through(lower, upper, vec, report=report, memory_key=key),
                            upper.parameter_list())
         if vec is not None and i < len(hops) - 1:
             # several processes: the next hop needs the global vector (its probe radius and

@@ -232,3 +232,31 @@ class Hop:
             for p, o in zip(self.w, originals):
                 p.data = o
         return results
+
+    def grads_at(self, point: Sequence[Tensor], *, lower: bool = True, upper: bool = True
+                 ) -> tuple[list[Tensor] | None, OptionalVector | None]:
+        """First-order gradients ``(dL/dw, dL/dlam)`` of the loss with the lower parameters
+        at ``point`` (one backward, no graph kept); ``dL/dw`` averaged over ranks. The
+        parameters point at ``point`` while the loss is evaluated and are restored exactly
+        (their storage is never written). For fully first-order methods (f2sa)."""
+        originals = [p.data for p in self.w]
+        wanted = (self.w if lower else []) + (self.lam if upper else [])
+        try:
+            with self._probe_context():
+                for p, q in zip(self.w, point):
+                    p.data = q.detach().to(p.dtype)
+                loss = self._loss()
+                grads = (torch.autograd.grad(loss, wanted, allow_unused=True)
+                         if loss.requires_grad else (None,) * len(wanted))
+                del loss
+        finally:
+            for p, o in zip(self.w, originals):
+                p.data = o
+        n = len(self.w) if lower else 0
+        grad_w = None
+        if lower:
+            grad_w = [torch.zeros_like(p) if g is None else g.detach()
+                      for g, p in zip(grads[:n], self.w)]
+            grad_w = grad_w if self._average is None else self._average(grad_w)
+        grad_lam = [None if g is None else g.detach() for g in grads[n:]] if upper else None
+        return grad_w, grad_lam

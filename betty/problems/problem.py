@@ -160,10 +160,11 @@ class Problem(ProblemBase):
         keep = self._param_cacheable and not overridden and self.module is not None
         self._param_list = list(self.trainable_parameters()) if keep else None
 
-    def hop_memory(self, upper: str) -> dict[str, Any]:
-        """What hypergradient methods keep across outer steps for the hop from this problem
-        to ``upper`` (warm starts); saved in checkpoints."""
-        return self._hop_memory.setdefault(upper, {})
+    def hop_memory(self, key: str) -> dict[str, Any]:
+        """What hypergradient methods keep across outer steps for one hop through this
+        problem (warm starts), by path and hop (``"upper > lower > upper #0"``); saved in
+        checkpoints."""
+        return self._hop_memory.setdefault(key, {})
 
     def window_parameters(self) -> list[Tensor] | None:
         """The functional parameters of a live unroll window (reverse mode); None here."""
