@@ -57,7 +57,7 @@ TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
 # reinforce: its hop (-M v) on this program's loss, which reaches the upper without samples
-METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "reverse", "chain3"]
+METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "f2sa", "reverse", "chain3"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -136,7 +136,8 @@ def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
     settings = {"darts": {}, "sama": {}, "reverse": {}, "reinforce": {},
                 "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
                 "cg": {"cg_iterations": 3},
-                "nystrom": {"nystrom_rank": 3, "nystrom_seed": 0}}[method]
+                "nystrom": {"nystrom_rank": 3, "nystrom_seed": 0},
+                "f2sa": {"f2sa_steps": 3, "f2sa_lr": 0.2}}[method]
     model = torch.nn.Linear(DIM, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05) if method == "sama" else \
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
