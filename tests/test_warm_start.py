@@ -16,9 +16,11 @@ import dataclasses
 import pytest
 import torch
 
-from betty.configs import Config
+from betty import Engine
+from betty.configs import Config, EngineConfig
 from betty.errors import ConfigError
 from betty.hypergradient import Hop, cg, neumann
+from betty.problems import ImplicitProblem
 
 DTYPE = torch.float64
 DIM, UPPER = 12, 3
@@ -89,3 +91,58 @@ def test_without_memory_or_with_stale_shapes_the_solve_starts_from_zero(name):
 def test_warm_start_must_be_a_bool():
     with pytest.raises(ConfigError, match="warm_start"):
         Config(warm_start="yes")  # type: ignore[arg-type]
+
+
+# -- through the engine: the lower problem keeps the solution between outer steps -------------
+class Quadratic(ImplicitProblem):
+    def training_step(self, batch):
+        a, b, _, _ = problem()
+        w, lam = self.module.w, self.upper.module.w
+        return 0.5 * w @ a @ w - lam @ b @ w
+
+
+class Target(ImplicitProblem):
+    def training_step(self, batch):
+        _, _, target, _ = problem()
+        return 0.5 * ((self.lower.module.w - target) ** 2).sum()
+
+    def grad_callback(self, grads):
+        self.seen.append(grads[0].detach().clone())
+        self.v.append(self.lower.module.w.detach() - problem()[2])
+
+
+class Vector(torch.nn.Module):
+    def __init__(self, values: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(values.clone())
+
+
+def engine_errors(config: Config, steps: int) -> list[float]:
+    a, b, _, _ = problem()
+    lower_module = Vector(torch.zeros(DIM, dtype=DTYPE))
+    upper_module = Vector(torch.ones(UPPER, dtype=DTYPE))
+    lower = Quadratic("lower", config, lower_module,
+                      torch.optim.SGD(lower_module.parameters(), lr=0.2),
+                      train_data_loader=[torch.zeros(1)])
+    upper = Target("upper", Config(), upper_module,
+                   torch.optim.SGD(upper_module.parameters(), lr=0.0),
+                   train_data_loader=[torch.zeros(1)])
+    upper.seen, upper.v = [], []
+    Engine([upper, lower], EngineConfig(train_iters=steps, progress_bar=False),
+           {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
+    errors = []
+    for got, v in zip(upper.seen, upper.v):
+        exact = b @ torch.linalg.solve(a, v)
+        errors.append(float((got - exact).norm() / exact.norm()))
+    return errors
+
+
+def test_engine_keeps_the_solution_per_hop_across_outer_steps():
+    """Reference: ``B A^-1 v`` with ``v = w - target`` at each outer step (the upper has
+    lr 0, so its own gradient is only the hypergradient). The lower converges under SGD, so
+    ``v`` settles; with ``warm_start`` and one CG iteration per outer step the hypergradient
+    converges to the exact one, without it the error stays."""
+    config = Config(type="cg", cg_iterations=1)
+    warm = engine_errors(dataclasses.replace(config, warm_start=True), 100)
+    cold = engine_errors(config, 100)
+    assert warm[-1] < 1e-6 and min(cold) > 0.05
