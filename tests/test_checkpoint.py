@@ -171,6 +171,7 @@ def reference(kind: str, variant: str) -> dict[str, Any]:
 
 
 # -- exact resume ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "variant"), RESUME_CASES)
 def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path, kind, variant):
     first = build(kind, variant, train_iters=N, checkpoint_dir=str(tmp_path), checkpoint_step=N)
@@ -189,6 +190,7 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path, kind, variant):
     ("reverse", r"'lower' is 1 local steps into its 2-step unroll window"),
     ("accumulation", r"'lower' holds gradients of micro-batches not yet applied"),
 ])
+@pytest.mark.slow
 def test_unsaveable_checkpoint_waits_for_the_window_end_and_resumes_exactly(tmp_path, variant,
                                                                             why):
     """Global step N is mid-window in reverse mode (or mid-accumulation in an iterative

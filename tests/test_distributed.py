@@ -59,8 +59,9 @@ STRATEGIES = ["distributed", "zero", "fsdp"]
 # reinforce: its hop (-M v) on this program's loss, which reaches the upper without samples
 METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "f2sa", "reverse", "chain3"]
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,  # every test launches gloo process groups
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 # -- the programs (shared by the workers and the single-process references) ------------------

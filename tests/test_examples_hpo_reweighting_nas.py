@@ -21,6 +21,8 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG_MAGIC = b"\x89PNG"
 
+pytestmark = pytest.mark.slow  # each runs an example program
+
 
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / name / "main.py")

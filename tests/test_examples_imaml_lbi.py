@@ -24,6 +24,8 @@ from betty.configs import Config, EngineConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+pytestmark = pytest.mark.slow  # each runs an example program
+
 
 def load(name: str, relative: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / relative)

@@ -18,6 +18,8 @@ import torch
 
 MAIN = Path(__file__).resolve().parents[1] / "examples" / "maml" / "main.py"
 
+pytestmark = pytest.mark.slow  # runs the example program
+
 
 def load_example():
     spec = importlib.util.spec_from_file_location("example_maml", MAIN)

@@ -38,7 +38,7 @@ def lower_setup(c: float):
     return a, b, x, z, v, exact
 
 
-def f2sa_estimate(c: float, lam: float, steps: int = 3000, lr: float = 0.2) -> tuple:
+def f2sa_estimate(c: float, lam: float, steps: int = 300, lr: float = 0.2) -> tuple:
     a, b, x0, z0, v, exact = lower_setup(c)
     w = z0.clone().requires_grad_()
     x = x0.clone().requires_grad_()

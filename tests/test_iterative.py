@@ -335,6 +335,7 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux RSS")
 def test_memory_stays_flat_over_thousands_of_windows():
     size, unroll = 4096, 2  # a leaked window would hold ~10 tensors of 32 KiB: ~0.6 GiB

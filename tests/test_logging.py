@@ -196,6 +196,7 @@ def wandb_offline(monkeypatch):
         wandb.finish()
 
 
+@pytest.mark.slow
 def test_wandb_offline_one_row_per_global_step(tmp_path, wandb_offline):
     engine = program(logger_type="wandb", log_dir=str(tmp_path), run_name="offline-test")
     engine.run()

@@ -203,6 +203,7 @@ def test_add_parent():
     Config(type="cg", cg_iterations=3, cg_alpha=0.1, unroll_steps=100),
     Config(type="neumann", neumann_iterations=5, unroll_steps=100),
 ], ids=["darts", "cg", "neumann"])
+@pytest.mark.slow
 def test_regression(inner_config):
     engine, outer, inner = _program(1000, inner_config, outer_lr=1.0, outer_momentum=0.9,
                                     train_iters=2000)
@@ -212,6 +213,7 @@ def test_regression(inner_config):
     assert float(loss.detach()) < 0.48
 
 
+@pytest.mark.slow
 def test_regression_threshold_needs_hypergradients():
     # The same program with a frozen outer level stays near 0.58: the runs above pass only
     # because the hypergradient improves the regularisation weights.

@@ -24,6 +24,7 @@ def quickstart():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["darts", "cg", "neumann", "sama", "reverse"])
 def test_learns_weight_decay(quickstart, method):
     train_iters, valid_step = 300, 70  # hpo steps from step 101 on (warm-up 100)

@@ -11,7 +11,9 @@ two first-order gradients of ``g``. At convergence ``y - z = -H^-1 v / lambda + 
 and the hop tends to ``-M H^-1 v`` (the implicit hypergradient) with an error O(1/lambda).
 
 * ``y`` takes ``f2sa_steps`` steps per outer step,
-  ``y <- y - f2sa_lr (v / lambda + dg/dw(y) - dg/dw(z))``: the gradient at ``z`` is
+  ``y <- y - f2sa_lr (u / lambda + dg/dw(y) - dg/dw(z))`` with ``u = v / ||v||`` (the hop
+  is then multiplied by ``||v||``: the penalty acts at the same scale whatever the size of
+  ``v``, e.g. under an fp16 loss scale): the gradient at ``z`` is
   subtracted, so the lower need not be at its minimum (its gradient there is not multiplied
   by ``lambda``) and every quantity is anchored at ``z``, where the other methods evaluate.
   The step size is that of ``g`` whatever ``lambda`` is (``f2sa_lr`` below ``2 / L_g``).
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from betty.configs import Config
 from betty.hypergradient.hop import Hop, OptionalVector
+from betty.linalg import unit_
 
 MEMORY_SHIFT, MEMORY_STEP = "f2sa_shift", "f2sa_step"
 
@@ -60,8 +63,14 @@ def f2sa(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     at_z_w, at_z = hop.grads_at(hop.w)
     assert at_z_w is not None and at_z is not None
     with torch.no_grad():
-        # v / lambda - dg/dw(z): what each step adds to dg/dw(y)
-        offset = torch._foreach_sub([t.detach() / lam for t in v], at_z_w)
+        # solved at unit scale (an fp16 loss scale on v would push y out of the region
+        # where g is near quadratic), then scaled back: v / lambda becomes u / lambda
+        direction = [t.detach().clone() for t in v]
+        scale = unit_(direction)
+        # u / lambda - dg/dw(z): what each step adds to dg/dw(y)
+        torch._foreach_div_(direction, lam)
+        offset = torch._foreach_sub(direction, at_z_w)
+        del direction
         del at_z_w
         penalized = [w.detach().clone() for w in hop.w]
         shift = _previous_shift(hop)
@@ -83,6 +92,8 @@ def f2sa(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
         memory[MEMORY_SHIFT] = penalized
         memory[MEMORY_STEP] = step + 1
     assert at_y is not None
+    factor = lam * scale
     return [None if a is None and b is None else
-            lam * ((0.0 if a is None else a) - (0.0 if b is None else b))  # type: ignore[operator]
+            factor.to((a if a is not None else b).dtype)  # type: ignore[union-attr]
+            * ((0.0 if a is None else a) - (0.0 if b is None else b))  # type: ignore[operator]
             for a, b in zip(at_y, at_z)]
