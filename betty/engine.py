@@ -288,13 +288,12 @@ class Engine:
                 f"cannot checkpoint global step {self.global_step}: {'; '.join(blockers)}. "
                 "Save at the end of the window (a global step where it completes)"
             )
-        self.strategy.prepare_checkpoint(self)  # ZeRO: gather optimizer state on rank 0
-        return self.strategy.run_on_main(lambda: checkpoint.save(self, path))
+        return self.strategy.save_checkpoint(self, None if path is None else os.fspath(path))
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore this engine (built for the same program) from a checkpoint; `run` then
         continues from its global step up to ``train_iters``."""
-        checkpoint.load(self, path)
+        self.strategy.load_checkpoint(self, os.fspath(path))
         self._resumed = True
 
     def _resume(self) -> None:

@@ -125,6 +125,20 @@ class Strategy:
     def prepare_checkpoint(self, engine: Engine) -> None:
         """Runs on every rank before rank 0 writes a checkpoint (gathers sharded state)."""
 
+    def save_checkpoint(self, engine: Engine, path: str | None) -> str:
+        """Write the engine's checkpoint (every rank calls it): by default rank 0 writes
+        one file after `prepare_checkpoint`; a sharding strategy may write shards instead."""
+        from betty import checkpoint
+
+        self.prepare_checkpoint(engine)
+        return self.run_on_main(lambda: checkpoint.save(engine, path))
+
+    def load_checkpoint(self, engine: Engine, path: str) -> None:
+        """Restore the engine from ``path`` on every rank (by default: one file)."""
+        from betty import checkpoint
+
+        checkpoint.load(engine, path)
+
     @contextmanager
     def fail_together(self) -> Iterator[None]:
         """An error inside ends every rank with its message (here: just raised)."""
