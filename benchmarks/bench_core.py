@@ -63,7 +63,8 @@ Result = dict[str, Any]
 
 def _engine_config(args: argparse.Namespace, steps: int) -> EngineConfig:
     strategy = "gpu" if args.device.startswith("cuda") else "cpu"
-    return EngineConfig(train_iters=steps, strategy=strategy)
+    kwargs = {} if getattr(args, "nonfinite", None) is None else {"nonfinite": args.nonfinite}
+    return EngineConfig(train_iters=steps, strategy=strategy, progress_bar=False, **kwargs)
 
 
 # == (a) logistic-regression HPO with the CG hypergradient ==================================
@@ -349,7 +350,8 @@ def measure(key: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, device "
-          f"{args.device}, repeats {args.repeats}; ms/it are medians, ratio = median library / "
+          f"{args.device}, nonfinite {args.nonfinite or 'raise (default)'}, "
+          f"repeats {args.repeats}; ms/it are medians, ratio = median library / "
           "median hand-written, min-ratio = fastest library run / fastest hand-written run; "
           "max|d...| compare the final numbers of the two (check: after the short check run)")
     header = (f"{'program':<10} {'steps':>6} {'library ms/it':>14} {'hand ms/it':>11} "
@@ -446,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_args(parser)
     parser.add_argument("--program", choices=["a", "b", "both"], default="both")
+    parser.add_argument("--nonfinite", choices=["raise", "skip", "off"], default=None,
+                        help="EngineConfig.nonfinite of the library runs (default: the "
+                        "library's default, 'raise': a device check per step, one read per "
+                        "global step; the hand-written loop checks nothing)")
     parser.add_argument("--steps-a", type=int, default=2000, help="global steps of (a)")
     parser.add_argument("--unroll", type=int, default=100, help="unroll steps of (a)")
     parser.add_argument("--cg-alpha", type=float, default=0.1)
