@@ -253,14 +253,20 @@ def run_names(settings: Settings) -> list[str]:
 
 
 def run(settings: Settings = Settings(), out_dir: str | Path | None = None,
-        corpus: Corpus | None = None, plot: str | Path | None = None) -> dict:
+        corpus: Corpus | None = None, plot: str | Path | None = None,
+        verbose: bool = False) -> dict:
     """Every method and baseline for every seed; writes results, file lists and the plot
     to ``out_dir`` (None: nothing written)."""
     start = time.perf_counter()
     if corpus is None:
         corpus = load_corpus(settings.target, target_train_files=settings.target_train_files)
-    runs = [run_one(corpus, settings, seed, name)
-            for seed in settings.seeds for name in run_names(settings)]
+    runs = []
+    for seed in settings.seeds:
+        for name in run_names(settings):
+            runs.append(run_one(corpus, settings, seed, name))
+            if verbose:
+                print(f"seed {seed} {name}: {runs[-1]['test_bpb']:.3f} bits/byte, "
+                      f"{runs[-1]['seconds']:.1f} s", flush=True)
     result = {"settings": asdict(settings), "domains": corpus.domains, "target": corpus.target,
               "harmful": [d for d in corpus.domains if DOMAINS[d][0] == "harmful"],
               "parameters": settings.size.parameters(), "train_bytes": corpus.sizes("train"),
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     given.update({k: tuple(getattr(args, k)) for k in ("seeds", "methods", "variants")
                   if getattr(args, k)})
     settings = replace(settings, **given, bf16=args.bf16 or settings.bf16)
-    result = run(settings, out_dir=args.out)
+    result = run(settings, out_dir=args.out, verbose=True)
     if args.refresh:
         save_plot(result, HERE / "weights.png")
     print(format_table(result))
