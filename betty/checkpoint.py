@@ -31,6 +31,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ log = logging.getLogger("betty")
 
 FORMAT = "betty-checkpoint"
 VERSION = 2  # 2: states owned by each object (schedule, pipeline, precision)
-_FILE = re.compile(r"^step_(\d+)\.pt$")
+_FILE = re.compile(r"^step_(\d+)\.(?:pt|dcp)$")  # .dcp: a sharded (FSDP) checkpoint folder
 
 
 class CheckpointError(BettyError, RuntimeError):
@@ -256,7 +257,8 @@ def checkpoint_path(directory: str | os.PathLike[str], global_step: int) -> str:
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, str]]:
-    """``(global step, path)`` of each ``step_<N>.pt`` in ``directory``, oldest first."""
+    """``(global step, path)`` of each ``step_<N>.pt`` (or sharded ``step_<N>.dcp`` folder)
+    in ``directory``, oldest first."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return []
@@ -274,7 +276,7 @@ def prune(directory: str | os.PathLike[str], keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints in ``directory``."""
     for _, path in list_checkpoints(directory)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 _TEMPORARY = re.compile(r"^\.step_\d+\.pt\..+\.tmp$")

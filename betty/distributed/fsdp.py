@@ -19,9 +19,14 @@ shards are re-synchronised from the gathered values (``param_callback`` edits in
 before each optimizer step and at the step's end, when the gathered copies are freed.
 Validation runs on every rank (the modules are sharded), rank 0 logging its result.
 
+Checkpoints are sharded (`betty.distributed.sharded_checkpoint`): a ``step_<N>.dcp`` folder
+written through ``torch.distributed.checkpoint``, each rank its own shards, readable by any
+number of processes (one process without a process group included); a one-file checkpoint
+of another strategy loads too.
+
 Not supported (each refused with a message): `IterativeProblem` (reverse mode), Config
 ``type='sama'`` (its P needs the whole optimizer state), ``precision='fp16'`` (the scaler
-unscales the shards' gradients), ``roll_back``, and checkpoints.
+unscales the shards' gradients), ``roll_back``.
 """
 
 from __future__ import annotations
@@ -103,7 +108,10 @@ class FullyShard(DataParallel):
                               "strategy='fsdp' shards the optimizer before the first step")
         groups = [{**group, "params": [moved[id(p)] for p in group["params"]]}
                   for group in old.param_groups]
-        new = type(old)(groups, **old.defaults)
+        # every hyperparameter travels in the groups: ``defaults`` may hold entries the
+        # constructor rejects (AdamW's decoupled_weight_decay), so it is copied afterwards
+        new = type(old)(groups)
+        new.defaults = dict(old.defaults)
         problem.set_optimizer(new)
         if problem.scheduler is not None and \
                 getattr(problem.scheduler, "optimizer", None) is old:
@@ -150,9 +158,17 @@ class FullyShard(DataParallel):
             result = fn()
         return self.broadcast_object(result)
 
-    def prepare_checkpoint(self, engine: Engine) -> None:
-        raise ConfigError("checkpoints are not supported with strategy='fsdp' yet; use "
-                          "strategy='zero' (also shards the optimizer state) to checkpoint")
+    def save_checkpoint(self, engine: Engine, path: str | None) -> str:
+        """Every rank writes its shards (`betty.distributed.sharded_checkpoint`)."""
+        from betty.distributed import sharded_checkpoint
+
+        return sharded_checkpoint.save(engine, path)
+
+    def load_checkpoint(self, engine: Engine, path: str) -> None:
+        """A sharded folder saved on any number of ranks, or a one-file checkpoint."""
+        from betty.distributed import sharded_checkpoint
+
+        sharded_checkpoint.load(engine, path)
 
 
 def _fsdp_params(module: torch.nn.Module) -> list[Any]:

@@ -18,6 +18,7 @@ communication), so a one-process run is exactly the plain algorithm. `DataParall
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -134,9 +135,14 @@ class Strategy:
         return self.run_on_main(lambda: checkpoint.save(engine, path))
 
     def load_checkpoint(self, engine: Engine, path: str) -> None:
-        """Restore the engine from ``path`` on every rank (by default: one file)."""
+        """Restore the engine from ``path`` on every rank (by default: one file; a folder
+        is a sharded checkpoint of strategy='fsdp', `betty.distributed.sharded_checkpoint`)."""
         from betty import checkpoint
 
+        if os.path.isdir(path):
+            from betty.distributed import sharded_checkpoint
+
+            return sharded_checkpoint.load(engine, path)
         checkpoint.load(engine, path)
 
     @contextmanager

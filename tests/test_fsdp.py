@@ -1,0 +1,211 @@
+"""strategy='fsdp' (FSDP2) beyond plain training: sharded checkpoints, mixed precision, SAMA
+and reverse mode, each on 2 gloo processes against 1 process on the union batch.
+
+The programs, the reference (one process on the union of the ranks' batches, which a
+non-shuffling `DistributedSampler` splits strided) and the exactness argument are those of
+`test_distributed.py`; this file adds the scenarios that strategy used to refuse. One launch
+of 2 ranks runs every scenario; the single-process checkpoint it resumes from is written by
+the test process first, and the sharded checkpoint it writes is resumed here by one process.
+
+Run a worker by hand: ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
+MASTER_PORT=29500 python tests/test_fsdp.py all <folder>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_distributed import (
+    HALF,
+    ITERS,
+    LOCAL_BATCH,
+    WORLD,
+    assert_close,
+    bilevel,
+    free_port,
+    fsdp_supported,
+    parameters,
+    reference,
+)
+
+from betty import Engine, checkpoint
+from betty.checkpoint import CheckpointError
+
+LAUNCH_DEADLINE_S = 240
+
+pytestmark = [pytest.mark.slow,  # launches gloo process groups
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.skipif(not fsdp_supported()[0], reason=fsdp_supported()[1])]
+
+
+# -- the worker: one rank of the launch ------------------------------------------------------
+def _save_half(folder: Path) -> dict[str, Any]:
+    """darts under fsdp, checkpointing every 2 steps into a folder that keeps only the
+    newest; the run continues past its checkpoint to ITERS."""
+    engine = bilevel("darts", "fsdp", LOCAL_BATCH, iters=HALF,
+                     checkpoint_dir=str(folder / "ckpt"), checkpoint_step=2, keep_checkpoints=1)
+    engine.run()
+    listed = [os.path.basename(p) for _, p in checkpoint.list_checkpoints(folder / "ckpt")]
+    explicit = engine.save_checkpoint(folder / "explicit.pt")
+    engine.config.train_iters, engine.config.checkpoint_step = ITERS, 0  # keep step 4's
+    engine.run()
+    return {**parameters(engine), "listed": listed, "explicit": explicit}
+
+
+def _steps_taken(engine: Engine) -> list[int]:
+    """Record the global steps ``engine`` trains (a resumed run starts after its checkpoint:
+    without the record, a load that did nothing would pass as an uninterrupted run)."""
+    taken: list[int] = []
+    step = engine.train_step
+
+    def counted() -> None:
+        taken.append(engine.global_step)
+        step()
+
+    engine.train_step = counted  # type: ignore[method-assign]
+    return taken
+
+
+def _resume_latest(folder: Path) -> dict[str, Any]:
+    engine = bilevel("darts", "fsdp", LOCAL_BATCH, checkpoint_dir=str(folder / "ckpt"),
+                     resume_from="latest")
+    taken = _steps_taken(engine)
+    engine.run()
+    return {**parameters(engine), "steps": torch.tensor(taken)}
+
+
+def _resume_single(folder: Path) -> dict[str, Any]:
+    engine = bilevel("darts", "fsdp", LOCAL_BATCH)
+    taken = _steps_taken(engine)
+    engine.load_checkpoint(folder / f"single-darts-step{HALF}.pt")
+    engine.run()
+    return {**parameters(engine), "steps": torch.tensor(taken)}
+
+
+def scenarios(folder: Path) -> list[tuple[str, Any]]:
+    return [("save", functools.partial(_save_half, folder)),
+            ("resume-latest", functools.partial(_resume_latest, folder)),
+            ("resume-single", functools.partial(_resume_single, folder))]
+
+
+def worker(job: str, folder: Path) -> int:
+    rank = int(os.environ["RANK"])
+    warnings.filterwarnings("error", message=".*optimizer.step\\(\\)")
+    for name, run in scenarios(folder):
+        torch.save(run(), folder / f"{name}.rank{rank}.pt")
+    return 0
+
+
+# -- launching -------------------------------------------------------------------------------
+def launch(job: str, folder: Path) -> list[int]:
+    """Start WORLD ranks as torchrun would (gloo on the loopback); kill both at the
+    deadline."""
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONFAULTHANDLER": "1"}
+        log = open(folder / f"{job}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen([sys.executable, __file__, job, str(folder)], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    end = time.monotonic() + LAUNCH_DEADLINE_S
+    try:
+        return [proc.wait(timeout=max(end - time.monotonic(), 1)) for proc, _ in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"launch {job!r} did not finish within {LAUNCH_DEADLINE_S} s:\n"
+                    + logs(folder, job))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def logs(folder: Path, job: str) -> str:
+    return "\n".join(f"--- rank {r}\n" + (folder / f"{job}.rank{r}.log").read_text()[-4000:]
+                     for r in range(WORLD))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fsdp")
+    engine = bilevel("darts", "default", WORLD * LOCAL_BATCH, iters=HALF)
+    engine.run()
+    engine.save_checkpoint(folder / f"single-darts-step{HALF}.pt")
+    codes = launch("all", folder)
+    assert codes == [0] * WORLD, logs(folder, "all")
+    return folder
+
+
+def result(folder: Path, name: str, rank: int = 0) -> Any:
+    return torch.load(folder / f"{name}.rank{rank}.pt", weights_only=True)
+
+
+def both_ranks(folder: Path, name: str) -> dict[str, Any]:
+    ranks = [result(folder, name, r) for r in range(WORLD)]
+    for key, value in ranks[0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, ranks[1][key]), f"{name}: ranks disagree on {key}"
+    return ranks[0]
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def test_sharded_checkpoint_folders_are_listed_and_pruned(launched: Path) -> None:
+    """checkpoint_step=2, keep_checkpoints=1: steps 2 and 4 were written, step 2 pruned."""
+    saved = both_ranks(launched, "save")
+    assert saved["listed"] == [f"step_{HALF:08d}.dcp"]
+    folder = launched / "ckpt" / f"step_{HALF:08d}.dcp"
+    shards = sorted(p.name for p in folder.iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "betty_state.pt"]
+    assert not [p for p in (launched / "ckpt").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_on_the_same_ranks_is_bitwise_the_uninterrupted_run(launched: Path) -> None:
+    """2 ranks save at step 4 and go on to 8; 2 fresh ranks resume the folder
+    (resume_from='latest') and must end bit for bit where the first run ended."""
+    saved, resumed = both_ranks(launched, "save"), both_ranks(launched, "resume-latest")
+    assert resumed["steps"].tolist() == list(range(HALF + 1, ITERS + 1))
+    assert_close(saved, reference("darts"), "fsdp run around its checkpoints")
+    for name in reference("darts"):
+        assert torch.equal(resumed[name], saved[name]), f"'{name}' differs after resuming"
+
+
+def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(launched: Path) -> None:
+    """Reference: the uninterrupted single process on the union batch. One process
+    (strategy='default', no process group) reads the 2 ranks' shards and ends there."""
+    engine = bilevel("darts", "default", WORLD * LOCAL_BATCH)
+    engine.load_checkpoint(launched / "ckpt" / f"step_{HALF:08d}.dcp")
+    assert engine.global_step == HALF
+    engine.run()
+    assert_close(parameters(engine), reference("darts"), "fsdp shards resumed by 1 process")
+
+
+def test_single_process_checkpoint_resumes_on_two_sharded_ranks(launched: Path) -> None:
+    resumed = both_ranks(launched, "resume-single")
+    assert resumed["steps"].tolist() == list(range(HALF + 1, ITERS + 1))
+    assert_close(resumed, reference("darts"), "1-process checkpoint resumed under fsdp")
+
+
+def test_sharded_checkpoint_of_another_program_is_refused(launched: Path) -> None:
+    engine = bilevel("sama", "default", WORLD * LOCAL_BATCH)  # Adam lower, not SGD
+    with pytest.raises(CheckpointError, match="optimizer SGD"):
+        engine.load_checkpoint(launched / "explicit.pt")
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1], Path(sys.argv[2])))
