@@ -54,6 +54,10 @@ class BatchSource:
         self.epochs = [0] * len(self.loaders)
         self.positions = [0] * len(self.loaders)
         self.start_rng: list[dict[str, Any] | None] = [None] * len(self.loaders)
+        # the random state at each epoch's first batch: a sampler shuffling with torch's
+        # global generator draws its seed then, not at iter(loader), and other draws (module
+        # set-up, other problems' batches) may come in between
+        self.first_rng: list[dict[str, Any] | None] = [None] * len(self.loaders)
         for index, loader in enumerate(self.loaders):
             if not (type(loader) is list or type(loader) is tuple):  # those never draw
                 self._start(index)
@@ -91,6 +95,8 @@ class BatchSource:
         iterator = self.iterators[index]
         if iterator is None:
             iterator = self._start(index)
+        if self.positions[index] == 0:
+            self.first_rng[index] = _loader_rng_state(loader)
         try:
             batch = next(iterator)
         except StopIteration:
@@ -135,6 +141,7 @@ class BatchSource:
             "positions": list(self.positions),
             "started": [it is not None for it in self.iterators],
             "start_rng": list(self.start_rng),
+            "first_rng": list(self.first_rng),
             "generators": [[g.get_state() for g in _generators(loader)]
                            for loader in self.loaders],
         }
@@ -147,6 +154,7 @@ class BatchSource:
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]
         self.start_rng = list(state["start_rng"])
+        self.first_rng = list(state.get("first_rng", [None] * len(self.loaders)))
         for index, loader in enumerate(self.loaders):
             self.iterators[index] = None
             if state["started"][index]:
@@ -160,6 +168,8 @@ class BatchSource:
             self._set_epoch(index)
         iterator = self.iterators[index] = iter(self.loaders[index])
         for drawn in range(self.positions[index]):
+            if drawn == 0 and self.first_rng[index] is not None:
+                _set_loader_rng_state(self.loaders[index], self.first_rng[index])
             try:
                 next(iterator)
             except StopIteration:
