@@ -29,7 +29,10 @@ Tables (relative error ``||h - h*|| / ||h*||`` and cosine to the exact ``h*``):
 7. reinforce on Bernoulli samples (not ridge): the root-mean-square error of the hop against
    the closed form over many batches, against the batch size N, with and without baseline;
 8. cg with K iterations per outer step, cold and warm-started (``Config(warm_start=True)``),
-   along a run in which the upper moves slowly.
+   along a run in which the upper moves slowly;
+9. f2sa (no Hessian-vector products: first-order backward passes only) against its penalty
+   lambda, its copy warm-started over outer steps: the error and error * lambda (constant
+   when the O(1/lambda) bias dominates; ``dL/dlam = w^2 / 2`` is quadratic in w), with time.
 
     python benchmarks/accuracy_study.py
     python benchmarks/accuracy_study.py --dim 50 --condition 1e4 --samples 500
@@ -53,6 +56,7 @@ from betty.hypergradient import (
     Hop,
     cg,
     darts,
+    f2sa,
     neumann,
     nystrom,
     reinforce,
@@ -266,6 +270,22 @@ def reinforce_table(sizes: Sequence[int], repeats: int, seed: int) -> str:
                   "RMS error, leave-one-out", "x sqrt(N)"], rows)
 
 
+def f2sa_table(problem: Ridge, lambdas: Sequence[float], steps: int, outer: int) -> str:
+    """f2sa with ``steps`` paired steps per outer step (step size 1 / lambda_max), ``outer``
+    outer steps at a fixed upper; backward passes per hop: steps + 3."""
+    rows = []
+    for lam in lambdas:
+        config = Config(type="f2sa", f2sa_lambda=lam, f2sa_lambda_growth=0.0, f2sa_steps=steps,
+                        f2sa_lr=1.0 / problem.lambda_max)
+        memory: dict = {}
+        for _ in range(outer):
+            h = hop_result(problem, f2sa, config, memory=memory)
+        error = rel_err(h, problem.exact)
+        rows.append((f"{lam:g}", sci(error), sci(error * lam), f"{cosine(h, problem.exact):.4f}",
+                     f"{milliseconds(problem, f2sa, config):.2f}"))
+    return table(["lambda", "rel. error", "error * lambda", "cosine", "ms / hop"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=20)
@@ -296,6 +316,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the upper's relative move per outer step in table 8")
     parser.add_argument("--reinforce-sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--reinforce-repeats", type=int, default=200)
+    parser.add_argument("--f2sa-lambdas", type=float, nargs="+",
+                        default=[1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
+    parser.add_argument("--f2sa-steps", type=int, default=20)
+    parser.add_argument("--f2sa-outer", type=int, default=200,
+                        help="outer steps of table 9 (the penalized copy is warm-started)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     problem = Ridge(args.dim, args.samples, args.condition, args.seed)
@@ -331,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### 8. warm-started cg while the upper moves (lam_t = lam_0 (1 + {args.warm_drift:g}"
           " t)), the ridge above\n")
     print(warm_start_table(problem, args.warm_iterations, args.warm_steps, args.warm_drift))
+    print(f"\n### 9. f2sa against lambda ({args.f2sa_steps} steps per outer step, after "
+          f"{args.f2sa_outer} outer steps), the ridge above\n")
+    print(f2sa_table(problem, args.f2sa_lambdas, args.f2sa_steps, args.f2sa_outer))
 
 
 if __name__ == "__main__":
