@@ -26,20 +26,26 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import (
+    DIM,
     HALF,
     ITERS,
     LOCAL_BATCH,
     WORLD,
+    Decay,
+    Inner,
+    Outer,
     assert_close,
     bilevel,
     free_port,
     fsdp_supported,
+    loader,
     parameters,
     reference,
 )
 
 from betty import Engine, checkpoint
 from betty.checkpoint import CheckpointError
+from betty.configs import Config, EngineConfig
 
 LAUNCH_DEADLINE_S = 240
 
@@ -47,6 +53,35 @@ pytestmark = [pytest.mark.slow,  # launches gloo process groups
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available"),
               pytest.mark.skipif(not fsdp_supported()[0], reason=fsdp_supported()[1])]
+
+
+# (method, precision) of the mixed-precision runs: fp16 through darts (loss scaling and
+# unscaling), bf16 through cg (Hessian-vector products under autocast)
+MIXED = [("darts", "fp16"), ("cg", "bf16")]
+ROUNDING = {"fp16": 2.0**-10, "bf16": 2.0**-7}  # unit roundoff (measured: 1.4e-4, 1.4e-3)
+
+
+def mixed(method: str, precision: str, strategy: str, batch: int) -> Engine:
+    """`bilevel`'s program with both problems under ``precision``; the upper's optimizer is
+    AdamW with weight decay (FSDP rebuilds it over the shards from its param groups)."""
+    torch.manual_seed(0)
+    model, decay = torch.nn.Linear(DIM, 1), Decay()
+    settings = {"cg_iterations": 3} if method == "cg" else {}
+    inner = Inner("inner", Config(type=method, unroll_steps=2, precision=precision,
+                                  **settings),
+                  model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                  train_data_loader=loader(1, 48, batch))
+    outer_opt = torch.optim.AdamW(decay.parameters(), lr=0.05, weight_decay=0.1)
+    outer = Outer("outer", Config(precision=precision), decay, outer_opt,
+                  train_data_loader=loader(2, 24, batch))
+    config = EngineConfig(train_iters=ITERS, strategy=strategy, distributed_timeout=60,
+                          progress_bar=False)
+    return Engine([outer, inner], config, {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+
+
+def trained(engine: Engine) -> dict[str, Any]:
+    engine.run()
+    return parameters(engine)
 
 
 # -- the worker: one rank of the launch ------------------------------------------------------
@@ -96,7 +131,11 @@ def _resume_single(folder: Path) -> dict[str, Any]:
 def scenarios(folder: Path) -> list[tuple[str, Any]]:
     return [("save", functools.partial(_save_half, folder)),
             ("resume-latest", functools.partial(_resume_latest, folder)),
-            ("resume-single", functools.partial(_resume_single, folder))]
+            ("resume-single", functools.partial(_resume_single, folder))] + [
+        (f"{strategy}-{method}-{precision}",
+         functools.partial(lambda s, m, p: trained(mixed(m, p, s, LOCAL_BATCH)), strategy,
+                           method, precision))
+        for method, precision in MIXED for strategy in ("fsdp", "distributed")]
 
 
 def worker(job: str, folder: Path) -> int:
@@ -205,6 +244,27 @@ def test_sharded_checkpoint_of_another_program_is_refused(launched: Path) -> Non
     engine = bilevel("sama", "default", WORLD * LOCAL_BATCH)  # Adam lower, not SGD
     with pytest.raises(CheckpointError, match="optimizer SGD"):
         engine.load_checkpoint(launched / "explicit.pt")
+
+
+# -- mixed precision -------------------------------------------------------------------------
+@pytest.mark.parametrize("method,precision", MIXED)
+def test_mixed_precision_under_fsdp_equals_one_process_on_union_batch(
+        launched: Path, method: str, precision: str) -> None:
+    """References: 2 ranks under strategy='distributed' (replicated, the same local
+    arithmetic: bit for bit equal), and one process on the union batch, same precision (a
+    batch of 8 rounds differently from two of 4: equal to the format's unit roundoff, at
+    parameters of magnitude ~1). fp16: the scaler unscales the gathered, averaged gradient
+    (what one process unscales) before the shards take their slice; a scaler that unscaled
+    nothing would step with gradients 65536 times too large."""
+    got = both_ranks(launched, f"fsdp-{method}-{precision}")
+    replicated = both_ranks(launched, f"distributed-{method}-{precision}")
+    want = trained(mixed(method, precision, "default", WORLD * LOCAL_BATCH))
+    start = parameters(mixed(method, precision, "default", WORLD * LOCAL_BATCH))
+    for name in want:
+        assert (want[name] - start[name]).abs().max() > 1e-3, f"'{name}' did not train"
+        assert torch.equal(got[name], replicated[name]), f"'{name}': fsdp != distributed"
+        err = (got[name] - want[name]).abs().max().item()
+        assert err <= ROUNDING[precision], f"'{name}' differs from one process by {err:.1e}"
 
 
 if __name__ == "__main__":

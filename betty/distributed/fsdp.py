@@ -24,15 +24,19 @@ written through ``torch.distributed.checkpoint``, each rank its own shards, read
 number of processes (one process without a process group included); a one-file checkpoint
 of another strategy loads too.
 
+Mixed precision: bf16 autocasts the step's computation on the gathered parameters; fp16's
+scaler unscales (and checks for inf) the gathered, averaged gradients, before the shards take
+their slice, so every rank skips or steps alike and as one process would.
+
 Not supported (each refused with a message): `IterativeProblem` (reverse mode), Config
-``type='sama'`` (its P needs the whole optimizer state), ``precision='fp16'`` (the scaler
-unscales the shards' gradients), ``roll_back``.
+``type='sama'`` (its P needs the whole optimizer state), ``roll_back``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -83,6 +87,8 @@ class FullyShard(DataParallel):
                 after = dict(problem.module.named_parameters())
                 moved = {id(p): after[name] for name, p in before.items()}
                 self._rebuild_optimizer(problem, moved)
+            if problem.grad_scaler is not None:
+                _unscale_gathered(problem.grad_scaler, problem.module)
 
     def _check(self, engine: Engine) -> None:
         if engine.config.roll_back:
@@ -94,8 +100,6 @@ class FullyShard(DataParallel):
                 reason = "an IterativeProblem (reverse mode needs whole parameters)"
             elif problem.config.type == "sama" and problem.parents:
                 reason = "Config(type='sama') (its P needs the whole optimizer state)"
-            elif problem.config.precision == "fp16":
-                reason = "Config(precision='fp16') (the scaler would see sharded gradients)"
             if reason is not None:
                 raise ConfigError(f"problem '{problem.name}' is {reason}, which "
                                   "strategy='fsdp' does not support; use strategy='zero'")
@@ -169,6 +173,21 @@ class FullyShard(DataParallel):
         from betty.distributed import sharded_checkpoint
 
         sharded_checkpoint.load(engine, path)
+
+
+def _unscale_gathered(scaler: torch.amp.GradScaler, module: torch.nn.Module) -> None:
+    """Make ``scaler.unscale_(optimizer)`` unscale (and check for inf) the gathered
+    parameters' gradients: they hold the averaged gradient of the whole parameter, exactly
+    what one process would unscale, while the optimizer's shards get their slice only later,
+    inside `FullyShard.optimizer_step`. Every rank then skips or steps alike."""
+    unscale = scaler.unscale_
+    gathered = SimpleNamespace(param_groups=[{"params": []}])  # what unscale_ reads
+
+    def unscale_gathered(optimizer: torch.optim.Optimizer) -> None:
+        gathered.param_groups[0]["params"] = [p.unsharded_param for p in _fsdp_params(module)]
+        unscale(gathered)  # type: ignore[arg-type]
+
+    scaler.unscale_ = unscale_gathered  # type: ignore[method-assign]
 
 
 def _fsdp_params(module: torch.nn.Module) -> list[Any]:

@@ -87,6 +87,11 @@ class Problem(ProblemBase):
         guard = self._guard.skipped.get(self._name, 0) if self._guard is not None else 0
         return scaler + guard
 
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler (None otherwise); FSDP makes it unscale gathered gradients."""
+        return self._precision.scaler if self._precision is not None else None
+
     # -- set-up before training ----------------------------------------------------------
     def check_definition(self) -> None:
         """Raise `ProblemDefinitionError` for what this problem lacks (before training)."""
