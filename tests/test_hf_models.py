@@ -15,7 +15,8 @@ same model and parameters:
 * reverse mode (`IterativeProblem` lower, upper ``first_order=False``): the K SGD-momentum
   updates unrolled by hand with ``create_graph=True``;
 * `TaskBatchedProblem` (MAML over the GPT-2 itself): per-task inner loops by hand; the
-  meta-gradient includes the tied weight's two uses.
+  meta-gradient includes the tied weight's two uses. Dropout is off there: vmap draws each
+  task's masks independently, which a per-task loop cannot replay.
 
 Dropout masks match the references because each reference evaluation starts from the random
 state the library's evaluation started from (recorded inside ``training_step``; a hop
