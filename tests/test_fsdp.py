@@ -135,7 +135,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
         (f"{strategy}-{method}-{precision}",
          functools.partial(lambda s, m, p: trained(mixed(m, p, s, LOCAL_BATCH)), strategy,
                            method, precision))
-        for method, precision in MIXED for strategy in ("fsdp", "distributed")]
+        for method, precision in MIXED for strategy in ("fsdp", "distributed")] + [
+        ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH)))]
 
 
 def worker(job: str, folder: Path) -> int:
@@ -265,6 +266,18 @@ def test_mixed_precision_under_fsdp_equals_one_process_on_union_batch(
         assert torch.equal(got[name], replicated[name]), f"'{name}': fsdp != distributed"
         err = (got[name] - want[name]).abs().max().item()
         assert err <= ROUNDING[precision], f"'{name}' differs from one process by {err:.1e}"
+
+
+# -- SAMA ------------------------------------------------------------------------------------
+def test_sama_under_fsdp_equals_one_process_on_union_batch(launched: Path) -> None:
+    """Reference: one process on the union batch. The lower's optimizer is Adam, whose P
+    reads its moments: each shard's are gathered; P of the shards' values alone (or zeros,
+    what the optimizer's sharded parameters matched against the gathered ones would give)
+    would move the upper elsewhere."""
+    got = both_ranks(launched, "fsdp-sama")
+    start = parameters(bilevel("sama", "default", WORLD * LOCAL_BATCH))
+    assert all((got[n] - start[n]).abs().max() > 1e-3 for n in start), "a level did not train"
+    assert_close(got, reference("sama"), "fsdp/sama")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,17 @@ Mixed precision: bf16 autocasts the step's computation on the gathered parameter
 scaler unscales (and checks for inf) the gathered, averaged gradients, before the shards take
 their slice, so every rank skips or steps alike and as one process would.
 
-Not supported (each refused with a message): `IterativeProblem` (reverse mode), Config
-``type='sama'`` (its P needs the whole optimizer state), ``roll_back``.
+SAMA: its P reads the optimizer state of the whole parameter; the hop sees the optimizer's
+parameters as their gathered copies (`optimizer_parameters`), and each shard's state is
+gathered to compute P as one process would.
+
+Not supported (each refused with a message): `IterativeProblem` (reverse mode),
+``roll_back``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -98,8 +102,6 @@ class FullyShard(DataParallel):
             reason = None
             if getattr(problem, "supports_reverse_mode", False):
                 reason = "an IterativeProblem (reverse mode needs whole parameters)"
-            elif problem.config.type == "sama" and problem.parents:
-                reason = "Config(type='sama') (its P needs the whole optimizer state)"
             if reason is not None:
                 raise ConfigError(f"problem '{problem.name}' is {reason}, which "
                                   "strategy='fsdp' does not support; use strategy='zero'")
@@ -156,6 +158,28 @@ class FullyShard(DataParallel):
                 fsdp_param.sharded_param.grad = None
             module.reshard()
             module.unshard()
+
+    # -- SAMA's P ---------------------------------------------------------------------------
+    def optimizer_parameters(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        own = super().optimizer_parameters(optimizer)
+        if not self._gathered:
+            return own
+        gathered = {id(p.sharded_param): p.unsharded_param
+                    for module in self._sharded for p in _fsdp_params(module)}
+        return [gathered.get(id(p), p) for p in own]
+
+    def update_jacobian_diag(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                             grads: Sequence[Tensor | None]) -> list[Tensor]:
+        """P of the whole parameters: the optimizer state of each shard is gathered (one
+        all-gather per state tensor), then P is computed as one process would."""
+        from torch.distributed.tensor import DTensor
+
+        from betty.optim import functional_optimizer, update_jacobian_diag
+
+        state = functional_optimizer(optimizer).init_state(params, clone=False)
+        whole = [{key: value.full_tensor() if isinstance(value, DTensor) else value
+                  for key, value in entry.items()} for entry in state]
+        return update_jacobian_diag(optimizer, params, grads, state=whole)
 
     def validate(self, engine: Engine, fn: Callable[[], T]) -> T:
         with self.step_context(engine):

@@ -116,6 +116,11 @@ class Strategy:
         """Context around ``problem``'s optimizer step (after unscaling and clipping)."""
         return nullcontext()
 
+    def optimizer_parameters(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """``optimizer``'s parameters as the step computes with them (FSDP: the gathered
+        copies of its shards), in the flat order of its param groups."""
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
     def update_jacobian_diag(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                              grads: Sequence[Tensor | None]) -> list[Tensor]:
         """SAMA's ``P = du/dg`` of ``optimizer`` (see `betty.optim.update_jacobian_diag`)."""

@@ -27,7 +27,7 @@ def update_jacobian(owner: str, params: Sequence[Tensor], optimizer: Any,
     """Diagonal ``P`` per parameter of ``params`` (0 where the optimizer does not step it)."""
     if optimizer is None:
         return [torch.zeros_like(p) for p in params]
-    own = [p for group in optimizer.param_groups for p in group["params"]]
+    own = strategy.optimizer_parameters(optimizer)  # FSDP: the gathered copies of its shards
     if last_grads is not None:
         last = {id(p): g for p, g in zip(params, last_grads) if g is not None}
         grads = [last[id(p)] if id(p) in last else torch.zeros_like(p) for p in own]
