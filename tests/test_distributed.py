@@ -291,8 +291,7 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
     for strategy in STRATEGIES:
         if strategy == "fsdp" and not fsdp_supported()[0]:
             continue
-        methods = [m for m in METHODS if strategy != "fsdp" or m not in ("reverse", "sama")]
-        for method in methods:
+        for method in METHODS:
             runs.append((f"{strategy}-{method}", functools.partial(_trained, strategy, method)))
     if fsdp_supported()[0]:
         runs.append(("fsdp-refusals", _fsdp_refusals))
@@ -333,15 +332,10 @@ def local_sizes(engine: Engine) -> torch.Tensor:
 
 def _fsdp_refusals() -> dict[str, str]:
     messages = {}
-    for method in ("reverse", "sama"):
-        try:
-            bilevel(method, "fsdp", LOCAL_BATCH)
-        except ConfigError as err:
-            messages[method] = str(err)
     try:
-        maml("fsdp")
+        bilevel("darts", "fsdp", LOCAL_BATCH, roll_back=True)
     except ConfigError as err:
-        messages["task_batched"] = str(err)
+        messages["roll_back"] = str(err)
     return messages
 
 
@@ -478,9 +472,6 @@ def test_two_ranks_equal_one_process_on_union_batch(launched: Path, strategy: st
                                                     method: str) -> None:
     """Reference: `reference(method)`, one process on the union batch. Both ranks end with
     the same parameters (bit for bit) and they equal the reference to 1e-5."""
-    if strategy == "fsdp" and method in ("reverse", "sama"):
-        pytest.skip("fsdp supports ImplicitProblems with darts, neumann and cg (see "
-                    "docs/distributed.md)")
     ranks = [result(launched, f"{strategy}-{method}", r) for r in range(WORLD)]
     start = parameters(build(method, "default", WORLD * LOCAL_BATCH))
     for name in start:
@@ -530,9 +521,7 @@ def test_what_each_rank_stores(launched: Path, strategy: str) -> None:
 
 def test_fsdp_refuses_what_it_does_not_support(launched: Path) -> None:
     messages = result(launched, "fsdp-refusals")
-    assert "IterativeProblem" in messages["reverse"] and "strategy='zero'" in messages["reverse"]
-    assert "sama" in messages["sama"]
-    assert "'inner'" in messages["task_batched"] and "strategy='zero'" in messages["task_batched"]
+    assert "roll_back" in messages["roll_back"] and "'distributed'" in messages["roll_back"]
 
 
 def test_differentiable_average_backward_averages_the_upstream_gradients(launched: Path

@@ -39,6 +39,8 @@ from test_distributed import (
     free_port,
     fsdp_supported,
     loader,
+    maml,
+    maml_results,
     parameters,
     reference,
 )
@@ -79,9 +81,13 @@ def mixed(method: str, precision: str, strategy: str, batch: int) -> Engine:
     return Engine([outer, inner], config, {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
 
 
-def trained(engine: Engine) -> dict[str, Any]:
+def trained_engine(engine: Engine) -> Engine:
     engine.run()
-    return parameters(engine)
+    return engine
+
+
+def trained(engine: Engine) -> dict[str, Any]:
+    return parameters(trained_engine(engine))
 
 
 # -- the worker: one rank of the launch ------------------------------------------------------
@@ -136,7 +142,9 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
          functools.partial(lambda s, m, p: trained(mixed(m, p, s, LOCAL_BATCH)), strategy,
                            method, precision))
         for method, precision in MIXED for strategy in ("fsdp", "distributed")] + [
-        ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH)))]
+        ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH))),
+        ("fsdp-reverse", lambda: trained(bilevel("reverse", "fsdp", LOCAL_BATCH))),
+        ("fsdp-maml", lambda: maml_results(trained_engine(maml("fsdp"))))]
 
 
 def worker(job: str, folder: Path) -> int:
@@ -278,6 +286,31 @@ def test_sama_under_fsdp_equals_one_process_on_union_batch(launched: Path) -> No
     start = parameters(bilevel("sama", "default", WORLD * LOCAL_BATCH))
     assert all((got[n] - start[n]).abs().max() > 1e-3 for n in start), "a level did not train"
     assert_close(got, reference("sama"), "fsdp/sama")
+
+
+# -- reverse mode ----------------------------------------------------------------------------
+def test_reverse_mode_under_fsdp_equals_one_process_on_union_batch(launched: Path) -> None:
+    """Reference: one process on the union batch. The IterativeProblem stays replicated;
+    the upper is sharded: its gathered parameters, which the window's graph holds across
+    the window's two global steps, are freed between them and refilled with the same values
+    (the upper steps only when the window closes)."""
+    got = both_ranks(launched, "fsdp-reverse")
+    start = parameters(bilevel("reverse", "default", WORLD * LOCAL_BATCH))
+    assert all((got[n] - start[n]).abs().max() > 1e-3 for n in start), "a level did not train"
+    assert_close(got, reference("reverse"), "fsdp/reverse")
+
+
+def test_task_batched_maml_under_fsdp_equals_one_process_on_all_tasks(launched: Path) -> None:
+    """Reference: one process adapting all T tasks, float64; each rank adapts its own T/2
+    (windows restarted from the sharded meta-module's gathered parameters)."""
+    ranks = [result(launched, "fsdp-maml", r) for r in range(WORLD)]
+    want = maml_results(trained_engine(maml("default")))
+    for rank, got in enumerate(ranks):
+        err = (got["meta"] - want["meta"]).abs().max().item()
+        assert err <= 1e-10, f"rank {rank}: theta differs by {err:.2e}"
+        rows = want["adapted"][rank::WORLD]
+        assert got["adapted"].shape == rows.shape
+        assert (got["adapted"] - rows).abs().max().item() <= 1e-10
 
 
 if __name__ == "__main__":

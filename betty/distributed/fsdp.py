@@ -32,8 +32,14 @@ SAMA: its P reads the optimizer state of the whole parameter; the hop sees the o
 parameters as their gathered copies (`optimizer_parameters`), and each shard's state is
 gathered to compute P as one process would.
 
-Not supported (each refused with a message): `IterativeProblem` (reverse mode),
-``roll_back``.
+Reverse mode: an `IterativeProblem` (and a `TaskBatchedProblem`) stays replicated, as under
+'distributed': its unroll window holds whole copies of its parameters and optimizer state
+at every step anyway. Its uppers are sharded; the gathered upper parameters the window's
+graph holds across global steps are freed at each step's end and refilled, with the same
+values, at the next step's start (FSDP2 keeps their version counters, as for its own
+reshard-after-forward), so back-propagating through the window at its end sees them.
+
+Not supported (refused with a message): ``roll_back``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class FullyShard(DataParallel):
         super().setup(engine)
         for problem in engine.problems:
             assert problem.module is not None
+            if getattr(problem, "supports_reverse_mode", False):
+                continue  # replicated: its window carries whole copies of it anyway
             before = dict(problem.module.named_parameters())
             fully_shard(problem.module, reshard_after_forward=False)
             state = problem.module._get_fsdp_state()
@@ -98,13 +106,6 @@ class FullyShard(DataParallel):
         if engine.config.roll_back:
             raise ConfigError("EngineConfig(roll_back=True) is not supported with "
                               "strategy='fsdp'; use 'distributed' or 'zero'")
-        for problem in engine.problems:
-            reason = None
-            if getattr(problem, "supports_reverse_mode", False):
-                reason = "an IterativeProblem (reverse mode needs whole parameters)"
-            if reason is not None:
-                raise ConfigError(f"problem '{problem.name}' is {reason}, which "
-                                  "strategy='fsdp' does not support; use strategy='zero'")
 
     def _rebuild_optimizer(self, problem: Problem, moved: dict[int, Tensor]) -> None:
         old = problem.optimizer
@@ -138,6 +139,9 @@ class FullyShard(DataParallel):
             yield
         finally:
             self._gathered = False
+            # a reverse-mode window's graph may hold gathered tensors across steps: FSDP2
+            # frees their storage here and refills the same tensors at the next unshard
+            # (version counters kept), as its own reshard-after-forward does for backward
             for module in self._sharded:
                 _sync_shards(module, self.rank, self.world_size)
                 module.reshard()
