@@ -104,8 +104,12 @@ class FullyShard(DataParallel):
 
     def _check(self, engine: Engine) -> None:
         if engine.config.roll_back:
-            raise ConfigError("EngineConfig(roll_back=True) is not supported with "
-                              "strategy='fsdp'; use 'distributed' or 'zero'")
+            raise ConfigError(
+                "EngineConfig(roll_back=True) is not supported with strategy='fsdp': its "
+                "snapshot and restore of each window go through module.state_dict() and "
+                "load_state_dict(), which FSDP2 turns into a reshard in the middle of a global "
+                "step (the gathered parameters are freed while the step uses them); use "
+                "strategy='distributed' (ZeRO refuses roll_back too)")
 
     def _rebuild_optimizer(self, problem: Problem, moved: dict[int, Tensor]) -> None:
         old = problem.optimizer
