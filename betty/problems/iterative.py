@@ -245,7 +245,8 @@ class IterativeProblem(Problem):
         assert window is not None and window.w is not None and self._gradients is not None
         loss, loss_dict = self.compute_loss(batch)
         self._last_loss = loss.detach()
-        self.observe_loss()
+        if self._guard.active:
+            self.observe_loss()
         micro = self.config.gradient_accumulation
         grads = self._gradients(loss if micro == 1 else loss / micro, window.w,
                                 create_graph=create_graph, retain_graph=self._retain_graph)
@@ -255,8 +256,8 @@ class IterativeProblem(Problem):
         """Window end: real parameters and optimizer state take the functional values."""
         assert self._window is not None
         self._window.write_back()
-        if self._hooks.param_callback is not None:
-            self._hooks.param_callback(self._window.real)
+        if self.hooks.param_callback is not None:
+            self.hooks.param_callback(self._window.real)
         if not self._reverse or self.clock.in_warmup:
             # no upper back-propagates through this window: the real parameters serve
             self._close_window()

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from betty.problems.hooks import BoundHooks
 from betty.problems.precision import Precision
 
 Grads = list[Tensor | None]
@@ -122,35 +121,36 @@ class InPlaceUpdate:
     """The user's optimizer on ``.grad``: unscale -> clip -> step, through the precision
     plugin; ``custom_optimizer_step`` (if defined) replaces ``optimizer.step()``; the
     strategy's context wraps the step when several processes train (FSDP moves the
-    gradients to the shards). Read through getters: strategies and ``set_optimizer`` may
-    replace the optimizer after set-up, and hooks may be assigned on the instance."""
+    gradients to the shards). ``owner`` is read for its current optimizer, parameters and
+    hooks at each step: strategies and ``set_optimizer`` may replace the optimizer after
+    set-up, and hooks may be assigned on the instance."""
 
-    def __init__(self, params: Callable[[], list[Tensor]], optimizer: Callable[[], Any],
-                 precision: Precision, hooks: Callable[[], BoundHooks],
+    def __init__(self, owner: Any, precision: Precision,
                  step_context: Callable[[], AbstractContextManager[Any]] | None) -> None:
-        self.params = params
-        self.optimizer = optimizer
+        self.owner = owner
         self.precision = precision
-        self.hooks = hooks
         self.step_context = step_context
 
     def step_optimizer(self) -> None:
-        custom = self.hooks().custom_optimizer_step
+        custom = self.owner.hooks.custom_optimizer_step
         if custom is not None:
             custom()
-        elif self.optimizer() is not None:
-            self.optimizer().step()
+        elif self.owner.optimizer is not None:
+            self.owner.optimizer.step()
 
     def __call__(self, grads: Grads, clip: Clip) -> bool:
-        params = self.params()
+        params = self.owner.parameter_list()
         for p, g in zip(params, grads):
             p.grad = g
+        if self.precision.scaler is None and self.step_context is None and not clip.active:
+            self.step_optimizer()  # fp32 or bf16, one process, no clipping: nothing around it
+            return True
         step = self.step_optimizer
         if self.step_context is not None:
             def step() -> None:
                 with self.step_context():  # type: ignore[misc]
                     self.step_optimizer()
-        return self.precision.step(self.optimizer(), [p.grad for p in params],
+        return self.precision.step(self.owner.optimizer, [p.grad for p in params],
                                    clip=lambda: clip.in_place([p.grad for p in params]),
                                    step=step)
 
@@ -158,9 +158,9 @@ class InPlaceUpdate:
 class LocalStep:
     """The pipeline of one problem (see the module docstring)."""
 
-    def __init__(self, hooks: Callable[[], BoundHooks], clip: Clip, update: Update,
+    def __init__(self, owner: Any, clip: Clip, update: Update,
                  allow: Callable[[], bool] | None = None) -> None:
-        self.hooks = hooks
+        self.owner = owner  # read for its hooks (they may be assigned on the instance)
         self.clip = clip
         self.update = update
         self.allow = allow  # the non-finite guard (betty.guard): False skips the update
@@ -170,7 +170,7 @@ class LocalStep:
         """Feed one micro-batch's gradients. Returns ``(stepped, total)``: whether the
         update ran (and stepped), and the accumulated gradient it used (None before the
         last micro-batch)."""
-        callback = self.hooks().grad_callback
+        callback = self.owner.hooks.grad_callback
         if callback is not None:
             callback(grads)
         total = self.accumulator.add(grads, last=last)

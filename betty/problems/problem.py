@@ -64,28 +64,25 @@ class Problem(ProblemBase):
         self._gradients: PathGradients | None = None
         self._local_step: LocalStep | None = None
         self._rollback = RollBack()
-        self._hooks = BoundHooks()
+        self.hooks = BoundHooks()
         self._param_list: list[Tensor] | None = None
         self._param_cacheable = True
         self._last_grads: list[Tensor | None] | None = None  # sama's P reads them
-        self._keeps_gradient = False
-        self._retain_graph = False
-        self._replaying = False
+        self._keeps_gradient = self._retain_graph = self._replaying = False
         self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
         self._guard: Any = None  # the engine's FiniteGuard (betty.guard)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in HOOK_NAMES and "_hooks" in self.__dict__:  # a hook assigned on the instance
-            super().__setattr__("_hooks", bind_hooks(self))
+        if name in HOOK_NAMES and "hooks" in self.__dict__:  # a hook assigned on the instance
+            super().__setattr__("hooks", bind_hooks(self))
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped: by the fp16 grad scaler (inf/NaN gradients), and by the
         non-finite guard under ``EngineConfig(nonfinite="skip")``."""
-        scaler = self._precision.skipped_steps if self._precision is not None else 0
-        guard = self._guard.skipped.get(self._name, 0) if self._guard is not None else 0
-        return scaler + guard
+        return ((self._precision.skipped_steps if self._precision is not None else 0)
+                + (self._guard.skipped.get(self._name, 0) if self._guard is not None else 0))
 
     @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
@@ -128,26 +125,20 @@ class Problem(ProblemBase):
         setup.check_meta_trainable(self, type(self).meta_trainable_parameters
                                    is not ProblemHooks.meta_trainable_parameters)
         self._precision = Precision(self._name, self._config, device)
-        self._hooks = bind_hooks(self)
+        self.hooks = bind_hooks(self)
         strategy = strategy_of(self)
         self._guard = getattr(engine, "guard", None) or FiniteGuard("off")
         self._gradients = PathGradients(self, strategy, active_diagnostics(engine), self._guard,
                                         scaled=self._precision.scaler is not None)
-        self._local_step = LocalStep(lambda: self._hooks, self._make_clip(),
-                                     self._make_update(strategy),
+        context = None if strategy.world_size == 1 else lambda: strategy.optimizer_step(self)
+        self._local_step = LocalStep(self, self._make_clip(),
+                                     InPlaceUpdate(self, self._precision, context),
                                      allow=lambda: self._guard.allow_step(self._name))
         self._keeps_gradient = reads_gradient(self._config, self.optimizer)
         self._retain_graph = self._config.retain_graph or setup.shares_a_window(self)
 
     def _make_clip(self) -> Clip:
         return Clip(self._config.gradient_clipping)
-
-    def _make_update(self, strategy: Any) -> Any:
-        assert self._precision is not None
-        context = None if strategy.world_size == 1 else (
-            lambda: strategy.optimizer_step(self))
-        return InPlaceUpdate(self.parameter_list, lambda: self.optimizer, self._precision,
-                             lambda: self._hooks, context)
 
     def parameter_list(self) -> list[Tensor]:
         """`trainable_parameters()`, read once at set-up unless a subclass overrides it (the
@@ -193,14 +184,15 @@ class Problem(ProblemBase):
         """``training_step(batch)`` under this problem's autocast, checked: the scalar loss
         and the dict to log."""
         assert self._precision is not None
+        if self._precision.dtype is None:  # fp32: no autocast context on the hot path
+            return checked_loss(self._name, self.training_step(batch), self.count)
         with self._precision.autocast():
             out = self.training_step(batch)
         return checked_loss(self._name, out, self.count)
 
     def observe_loss(self) -> None:
         """Hand the latest loss to the non-finite guard (no host read)."""
-        if self._guard.active and self._last_loss is not None:
-            self._guard.observe(self._name, self.count, "loss", [self._last_loss])
+        self._guard.observe(self._name, self.count, "loss", [self._last_loss])
 
     def hop_loss(self) -> Tensor:
         """This problem's loss on its current batch, for hypergradient hops through it."""
@@ -232,7 +224,8 @@ class Problem(ProblemBase):
         assert self._local_step is not None
         loss, loss_dict = self.compute_loss(batch)
         self._last_loss = loss.detach()  # read only by the guard, once per global step
-        self.observe_loss()
+        if self._guard.active:
+            self.observe_loss()
         micro = 1 if self._replaying else self._config.gradient_accumulation
         if self._precision.scaler is not None or micro != 1:
             loss = self._precision.scale(loss, micro)
@@ -241,8 +234,8 @@ class Problem(ProblemBase):
         stepped, total = self._local_step(grads, last=last)
         if total is not None:
             params = self.parameter_list()
-            if stepped and self._hooks.param_callback is not None:
-                self._hooks.param_callback(params)
+            if stepped and self.hooks.param_callback is not None:
+                self.hooks.param_callback(params)
             if self._keeps_gradient:  # sama's P at the gradient actually stepped
                 self._last_grads = [p.grad for p in params]
             for p in params:
