@@ -126,18 +126,26 @@ def _resume_latest(folder: Path) -> dict[str, Any]:
     return {**parameters(engine), "steps": torch.tensor(taken)}
 
 
-def _resume_single(folder: Path) -> dict[str, Any]:
+def _resume(folder: Path, name: str) -> dict[str, Any]:
     engine = bilevel("darts", "fsdp", LOCAL_BATCH)
     taken = _steps_taken(engine)
-    engine.load_checkpoint(folder / f"single-darts-step{HALF}.pt")
+    engine.load_checkpoint(folder / name)
     engine.run()
     return {**parameters(engine), "steps": torch.tensor(taken)}
+
+
+def _save_on_one_rank(folder: Path) -> None:
+    """strategy='fsdp' launched as ONE process (on the union batch): a sharded folder too."""
+    engine = bilevel("darts", "fsdp", WORLD * LOCAL_BATCH, iters=HALF)
+    engine.run()
+    engine.save_checkpoint(folder / "one-rank.dcp")
 
 
 def scenarios(folder: Path) -> list[tuple[str, Any]]:
     return [("save", functools.partial(_save_half, folder)),
             ("resume-latest", functools.partial(_resume_latest, folder)),
-            ("resume-single", functools.partial(_resume_single, folder))] + [
+            ("resume-single", functools.partial(_resume, folder, f"single-darts-step{HALF}.pt")),
+            ("resume-one-rank", functools.partial(_resume, folder, "one-rank.dcp"))] + [
         (f"{strategy}-{method}-{precision}",
          functools.partial(lambda s, m, p: trained(mixed(m, p, s, LOCAL_BATCH)), strategy,
                            method, precision))
@@ -150,20 +158,23 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
 def worker(job: str, folder: Path) -> int:
     rank = int(os.environ["RANK"])
     warnings.filterwarnings("error", message=".*optimizer.step\\(\\)")
+    if job == "one":
+        _save_on_one_rank(folder)
+        return 0
     for name, run in scenarios(folder):
         torch.save(run(), folder / f"{name}.rank{rank}.pt")
     return 0
 
 
 # -- launching -------------------------------------------------------------------------------
-def launch(job: str, folder: Path) -> list[int]:
-    """Start WORLD ranks as torchrun would (gloo on the loopback); kill both at the
+def launch(job: str, folder: Path, world: int = WORLD) -> list[int]:
+    """Start ``world`` ranks as torchrun would (gloo on the loopback); kill them at the
     deadline."""
     port = free_port()
     procs = []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONFAULTHANDLER": "1"}
@@ -184,9 +195,9 @@ def launch(job: str, folder: Path) -> list[int]:
             log.close()
 
 
-def logs(folder: Path, job: str) -> str:
+def logs(folder: Path, job: str, world: int = WORLD) -> str:
     return "\n".join(f"--- rank {r}\n" + (folder / f"{job}.rank{r}.log").read_text()[-4000:]
-                     for r in range(WORLD))
+                     for r in range(world))
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +206,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine = bilevel("darts", "default", WORLD * LOCAL_BATCH, iters=HALF)
     engine.run()
     engine.save_checkpoint(folder / f"single-darts-step{HALF}.pt")
+    assert launch("one", folder, world=1) == [0], logs(folder, "one", world=1)
     codes = launch("all", folder)
     assert codes == [0] * WORLD, logs(folder, "all")
     return folder
@@ -243,10 +255,17 @@ def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(launched: Path) 
     assert_close(parameters(engine), reference("darts"), "fsdp shards resumed by 1 process")
 
 
-def test_single_process_checkpoint_resumes_on_two_sharded_ranks(launched: Path) -> None:
-    resumed = both_ranks(launched, "resume-single")
+@pytest.mark.parametrize("saved_by", ["single", "one-rank"])
+def test_one_process_checkpoint_resumes_on_two_sharded_ranks(launched: Path, saved_by: str
+                                                             ) -> None:
+    """Reference: the uninterrupted single process on the union batch. Saved by one
+    process: strategy='default' (one file), or strategy='fsdp' launched as one rank (a
+    sharded folder); 2 ranks under fsdp resume it from step 4."""
+    if saved_by == "one-rank":
+        assert (launched / "one-rank.dcp" / ".metadata").is_file()
+    resumed = both_ranks(launched, f"resume-{saved_by}")
     assert resumed["steps"].tolist() == list(range(HALF + 1, ITERS + 1))
-    assert_close(resumed, reference("darts"), "1-process checkpoint resumed under fsdp")
+    assert_close(resumed, reference("darts"), f"{saved_by} checkpoint resumed under fsdp")
 
 
 def test_sharded_checkpoint_of_another_program_is_refused(launched: Path) -> None:

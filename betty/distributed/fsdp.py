@@ -82,6 +82,8 @@ class FullyShard(DataParallel):
                               f"which this PyTorch lacks ({err}); use 'zero'") from None
         self._check(engine)
         super().setup(engine)
+        if self.world_size == 1:
+            return  # nothing to shard (and the engine's loop skips step_context)
         for problem in engine.problems:
             assert problem.module is not None
             if getattr(problem, "supports_reverse_mode", False):
