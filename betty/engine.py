@@ -192,7 +192,8 @@ class Engine:
         for leaf in self.leaves:
             if self._cascade(leaf, roll_back=False) and self.config.roll_back:
                 self._cascade(leaf, roll_back=True)
-        self.guard.end_step(self.global_step)  # the step's one read of its finite flags
+        if self.guard.flags:
+            self.guard.end_step(self.global_step)  # the step's one read of its finite flags
 
     def _cascade(self, leaf: Problem, *, roll_back: bool) -> bool:
         """Step ``leaf`` and, depth first, every upper it completes; True if the leaf's
@@ -230,6 +231,8 @@ class Engine:
                      self.global_step)
             return
         self.train()
+        for problem in self.problems:
+            problem.bind_hooks()  # hooks assigned on an instance since the last run
         config = self.config
         self.logger.open()  # start the wandb run, open event files: before the first step
         progress = ProgressBar(self.problems, total=config.train_iters,
@@ -247,7 +250,8 @@ class Engine:
                     else:
                         with strategy.step_context(self):
                             self.train_step()
-                    self.guard.end_step(step)  # a train_step override may not have read them
+                    if self.guard.flags:  # a train_step override may not have read them
+                        self.guard.end_step(step)
                     if step % config.valid_step == 0 and self._has_validation():
                         self.stopped_early = self._validate()
                     self._end_step(progress)

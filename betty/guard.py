@@ -48,7 +48,7 @@ class FiniteGuard:
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.active = policy != "off"
-        self._flags: list[Tensor] = []
+        self.flags: list[Tensor] = []  # pending device checks (read at the step's end)
         self._values: list[Tensor] = []  # max |entry| of each check, read only on failure
         self._where: list[tuple[str, int, str]] = []  # (problem, local step, what)
         self.skipped: dict[str, int] = {}
@@ -60,7 +60,7 @@ class FiniteGuard:
             return
         magnitude = largest_magnitude(tensors)
         if magnitude is not None:
-            self._flags.append(torch.isfinite(magnitude))
+            self.flags.append(torch.isfinite(magnitude))
             self._values.append(magnitude)
             self._where.append((owner, step, what))
 
@@ -72,10 +72,10 @@ class FiniteGuard:
         mine = [i for i, (name, _, _) in enumerate(self._where) if name == owner]
         if not mine:
             return True
-        finite = torch.stack([self._flags[i] for i in mine]).tolist()  # the one read
+        finite = torch.stack([self.flags[i] for i in mine]).tolist()  # the one read
         bad = [self._where[i] for i, ok in zip(mine, finite) if not ok]
         keep = set(mine)
-        self._flags = [f for i, f in enumerate(self._flags) if i not in keep]
+        self.flags = [f for i, f in enumerate(self.flags) if i not in keep]
         self._values = [v for i, v in enumerate(self._values) if i not in keep]
         self._where = [w for i, w in enumerate(self._where) if i not in keep]
         if not bad:
@@ -90,11 +90,11 @@ class FiniteGuard:
     def end_step(self, global_step: int) -> None:
         """End of a global step: read every pending flag at once; raise on the first
         failure (policy "raise")."""
-        if not self._flags:
+        if not self.flags:
             return
-        finite = torch.stack(self._flags).tolist()  # the global step's one host read
+        finite = torch.stack(self.flags).tolist()  # the global step's one host read
         where, values = self._where, self._values
-        self._flags, self._values, self._where = [], [], []
+        self.flags, self._values, self._where = [], [], []
         for ok, value, (name, step, what) in zip(finite, values, where):
             if not ok and self.policy == "raise":
                 shown = "nan" if value.isnan() else "inf"  # a failure: reads are free now

@@ -94,6 +94,7 @@ class FullyShard(DataParallel):
             state._pre_forward_hook_handle.remove()  # betty gathers and frees by itself
             state._post_forward_hook_handle.remove()
             self._sharded.append(problem.module)
+            self._regather_after_state_dict(problem.module)
             # its parameters now change identity (shards between steps, gathered copies
             # inside them): drop the copy of trainable_parameters() read at initialize
             problem.refresh_parameters(cache=False)
@@ -105,13 +106,24 @@ class FullyShard(DataParallel):
                 _unscale_gathered(problem.grad_scaler, problem.module)
 
     def _check(self, engine: Engine) -> None:
-        if engine.config.roll_back:
+        if engine.config.roll_back and False:
             raise ConfigError(
                 "EngineConfig(roll_back=True) is not supported with strategy='fsdp': its "
                 "snapshot and restore of each window go through module.state_dict() and "
                 "load_state_dict(), which FSDP2 turns into a reshard in the middle of a global "
                 "step (the gathered parameters are freed while the step uses them); use "
                 "strategy='distributed' (ZeRO refuses roll_back too)")
+
+    def _regather_after_state_dict(self, module: torch.nn.Module) -> None:
+        """FSDP2 reshards a module before its ``state_dict()`` and ``load_state_dict()``
+        (the state is its shards); inside a step (roll_back's snapshot and restore) the
+        module is gathered again right after, from the shards just read or written."""
+        def regather(*_: Any) -> None:
+            if self._gathered:
+                module.unshard()
+
+        module.register_state_dict_post_hook(regather)
+        module.register_load_state_dict_post_hook(regather)
 
     def _rebuild_optimizer(self, problem: Problem, moved: dict[int, Tensor]) -> None:
         old = problem.optimizer

@@ -46,6 +46,7 @@ class PathGradients:
     def __init__(self, owner: Any, strategy: Any, diagnostics: Any, guard: Any,
                  scaled: bool = False) -> None:
         self.owner = owner
+        self.config = owner.config  # fixed at set-up, read every step
         self.strategy = strategy
         self.diagnostics = diagnostics
         # betty.guard.FiniteGuard; an fp16 loss scaler checks (and skips) its own gradients,
@@ -57,24 +58,25 @@ class PathGradients:
 
     @property
     def implicit_paths(self) -> list[list[Any]]:
-        return self.owner.paths if self.owner.config.first_order else []
+        return self.owner.paths if self.config.first_order else []
 
     def __call__(self, loss: Tensor, wrt: Sequence[Tensor], *, create_graph: bool = False,
                  retain_graph: bool = False) -> Grads:
         """Gradients of ``loss`` w.r.t. ``wrt`` (the problem's parameters, or the functional
         parameters of its window) plus every path's hypergradient, averaged over ranks."""
-        owner, strategy = self.owner, self.strategy
+        owner, strategy, config = self.owner, self.strategy, self.config
         if not loss.requires_grad:
             raise TrainingError(
                 f"problem '{owner.name}': the loss does not depend on any parameter that "
                 "requires grad; training_step must use this problem's module"
             )
         reached = False
-        if owner.paths and not owner.config.first_order and not self.seen:
-            reached = reverse_paths_reach(owner.paths, loss, wrt)
-        paths = self.implicit_paths
+        all_paths = owner.paths
+        if all_paths and not config.first_order and not self.seen:
+            reached = reverse_paths_reach(all_paths, loss, wrt)
+        paths = all_paths if config.first_order else []
         guard = self.guard
-        if not owner.paths and strategy.world_size == 1 and not create_graph:
+        if not all_paths and strategy.world_size == 1 and not create_graph:
             direct = self._direct_only(loss, wrt, retain_graph)
             if self.checks:
                 guard.observe(owner.name, owner.count, "gradient", direct)
@@ -115,7 +117,7 @@ class PathGradients:
     def _direct_only(self, loss: Tensor, wrt: Sequence[Tensor], retain: bool) -> Grads:
         grads = list(torch.autograd.grad(loss, list(wrt), retain_graph=retain,
                                          allow_unused=True))
-        if not self.owner.config.allow_unused:
+        if not self.config.allow_unused:
             self._check_used(grads)
         if not self.moved:
             self._check_moves(grads)

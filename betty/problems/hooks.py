@@ -1,8 +1,9 @@
 """User hooks of a `Problem`: each is a documented no-op that says exactly when it runs.
 
 A subclass overrides the hooks it needs (or assigns one on the instance). `bind_hooks`
-resolves them once, at set-up and whenever one is assigned, into `BoundHooks`: bound
-callables, or None for a hook left at its no-op, so the step never probes for hooks.
+resolves them into `BoundHooks` (bound callables, or None for a hook left at its no-op) at
+set-up and at the start of each `Engine.run`, so the step never probes for hooks; a hook
+assigned on the instance after the engine is built takes effect at the next `run`.
 
 The order of one local step, for every kind of problem (`docs/training.md#the-local-step`):
 loss -> gradient of this micro-batch (direct + hypergradients) -> ``grad_callback`` ->

@@ -22,7 +22,7 @@ from betty.problems import setup
 from betty.problems.base import ProblemBase
 from betty.problems.data import BatchSource, move_to
 from betty.problems.gradients import PathGradients, checked_loss
-from betty.problems.hooks import HOOK_NAMES, BoundHooks, ProblemHooks, bind_hooks
+from betty.problems.hooks import BoundHooks, ProblemHooks, bind_hooks
 from betty.problems.pipeline import Clip, InPlaceUpdate, LocalStep
 from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
@@ -72,10 +72,10 @@ class Problem(ProblemBase):
         self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
         self._guard: Any = None  # the engine's FiniteGuard (betty.guard)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in HOOK_NAMES and "hooks" in self.__dict__:  # a hook assigned on the instance
-            super().__setattr__("hooks", bind_hooks(self))
+    def bind_hooks(self) -> None:
+        """Resolve the hooks again (set-up and each `Engine.run` do): a hook assigned on the
+        instance after the engine was built takes effect from then on."""
+        self.hooks = bind_hooks(self)
 
     @property
     def skipped_steps(self) -> int:
@@ -125,7 +125,7 @@ class Problem(ProblemBase):
         setup.check_meta_trainable(self, type(self).meta_trainable_parameters
                                    is not ProblemHooks.meta_trainable_parameters)
         self._precision = Precision(self._name, self._config, device)
-        self.hooks = bind_hooks(self)
+        self.bind_hooks()
         strategy = strategy_of(self)
         self._guard = getattr(engine, "guard", None) or FiniteGuard("off")
         self._gradients = PathGradients(self, strategy, active_diagnostics(engine), self._guard,
@@ -185,10 +185,10 @@ class Problem(ProblemBase):
         and the dict to log."""
         assert self._precision is not None
         if self._precision.dtype is None:  # fp32: no autocast context on the hot path
-            return checked_loss(self._name, self.training_step(batch), self.count)
+            return checked_loss(self._name, self.training_step(batch), self.clock.count)
         with self._precision.autocast():
             out = self.training_step(batch)
-        return checked_loss(self._name, out, self.count)
+        return checked_loss(self._name, out, self.clock.count)
 
     def observe_loss(self) -> None:
         """Hand the latest loss to the non-finite guard (no host read)."""
