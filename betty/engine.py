@@ -99,7 +99,7 @@ class Engine:
             problem.leaf = not graph.children[problem]
         self.leaves = graph.leaves
         self._set_names()
-        self._check_orders()
+        program_checks.check_orders(self.problems)
         self.schedule = Schedule(self.problems, roll_back=self.config.roll_back)
         for problem in self.problems:
             problem.attach_clock(self.schedule.clock(problem.name))
@@ -149,23 +149,6 @@ class Engine:
                         f"({type(problem).__name__}); rename the problem"
                     )
                 setattr(problem, other.name, other)
-
-    def _check_orders(self) -> None:
-        """Every path hop must be differentiable the way its upper asks for."""
-        for upper in self.problems:
-            if upper.config.first_order:
-                continue
-            for path in upper.paths:
-                for lower in path[1:-1]:
-                    if not getattr(lower, "supports_reverse_mode", False):
-                        raise ConfigError(
-                            f"problem '{upper.name}' has Config(first_order=False) (reverse "
-                            f"mode), but lower problem '{lower.name}' on its path is a "
-                            f"{type(lower).__name__}, whose updates are not differentiable; "
-                            "make it an IterativeProblem or set first_order=True on "
-                            f"'{upper.name}' to use '{lower.name}''s Config.type "
-                            f"({lower.config.type!r})"
-                        )
 
     def all_buffers(self) -> list[torch.Tensor]:
         return self._buffers

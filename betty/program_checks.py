@@ -16,6 +16,24 @@ from betty.errors import ConfigError, DependencyError
 log = logging.getLogger("betty")
 
 
+def check_orders(problems: list[Any]) -> None:
+    """Every path hop must be differentiable the way its upper asks for."""
+    for upper in problems:
+        if upper.config.first_order:
+            continue
+        for path in upper.paths:
+            for lower in path[1:-1]:
+                if not lower.supports_reverse_mode:
+                    raise ConfigError(
+                        f"problem '{upper.name}' has Config(first_order=False) (reverse "
+                        f"mode), but lower problem '{lower.name}' on its path is a "
+                        f"{type(lower).__name__}, whose updates are not differentiable; "
+                        "make it an IterativeProblem or set first_order=True on "
+                        f"'{upper.name}' to use '{lower.name}''s Config.type "
+                        f"({lower.config.type!r})"
+                    )
+
+
 def check_shared_parameters(problems: list[Any]) -> None:
     """A tensor stepped by two problems' optimizers would be trained by the upper on the
     lower's objective as well (e.g. on validation data): refuse it."""
