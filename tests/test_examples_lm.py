@@ -42,14 +42,6 @@ def corpus(example):
     return example[0].load_corpus("email", domains=("email", "asyncio", "xml", "scrambled"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bits_per_byte_is_the_hand_computed_mean_of_minus_log2_p(example):
     _, model_mod, _ = example
     torch.manual_seed(0)
