@@ -293,8 +293,6 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
             continue
         for method in METHODS:
             runs.append((f"{strategy}-{method}", functools.partial(_trained, strategy, method)))
-    if fsdp_supported()[0]:
-        runs.append(("fsdp-refusals", _fsdp_refusals))
     for strategy in ("distributed", "zero"):
         runs.append((f"{strategy}-maml", lambda s=strategy: maml_results(_run(maml(s)))))
     for strategy, method in (("distributed", "darts"), ("zero", "sama")):
@@ -328,15 +326,6 @@ def local_sizes(engine: Engine) -> torch.Tensor:
         state += sum(numel(v) for s in local.state.values() for k, v in s.items()
                      if isinstance(v, torch.Tensor) and k != "step")
     return torch.tensor([params, state])
-
-
-def _fsdp_refusals() -> dict[str, str]:
-    messages = {}
-    try:
-        bilevel("darts", "fsdp", LOCAL_BATCH, roll_back=True)
-    except ConfigError as err:
-        messages["roll_back"] = str(err)
-    return messages
 
 
 def _save_half(strategy: str, method: str, folder: Path) -> dict[str, Any]:
@@ -517,11 +506,6 @@ def test_what_each_rank_stores(launched: Path, strategy: str) -> None:
         assert sizes[0][1] < full[1] and sizes[1][1] < full[1]
     if strategy == "fsdp":
         assert torch.equal(total, full) and (sizes[0] < full).all() and (sizes[1] < full).all()
-
-
-def test_fsdp_refuses_what_it_does_not_support(launched: Path) -> None:
-    messages = result(launched, "fsdp-refusals")
-    assert "roll_back" in messages["roll_back"] and "'distributed'" in messages["roll_back"]
 
 
 def test_differentiable_average_backward_averages_the_upstream_gradients(launched: Path

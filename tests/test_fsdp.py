@@ -141,6 +141,24 @@ def _save_on_one_rank(folder: Path) -> None:
     engine.save_checkpoint(folder / "one-rank.dcp")
 
 
+def _roll_back(folder: Path) -> dict[str, Any]:
+    """roll_back under fsdp; a checkpoint inside a window (step 1) is refused, one at its end
+    (step 2) is written."""
+    engine = bilevel("darts", "fsdp", LOCAL_BATCH, iters=1, roll_back=True)
+    engine.run()
+    try:
+        engine.save_checkpoint(folder / "mid-window.dcp")
+        refusal = ""
+    except CheckpointError as err:
+        refusal = str(err)
+    engine.config.train_iters = 2
+    engine.run()
+    written = engine.save_checkpoint(folder / "window-end.dcp")
+    engine.config.train_iters = ITERS
+    engine.run()
+    return {**parameters(engine), "refusal": refusal, "written": written}
+
+
 def scenarios(folder: Path) -> list[tuple[str, Any]]:
     return [("save", functools.partial(_save_half, folder)),
             ("resume-latest", functools.partial(_resume_latest, folder)),
@@ -152,7 +170,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
         for method, precision in MIXED for strategy in ("fsdp", "distributed")] + [
         ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH))),
         ("fsdp-reverse", lambda: trained(bilevel("reverse", "fsdp", LOCAL_BATCH))),
-        ("fsdp-maml", lambda: maml_results(trained_engine(maml("fsdp"))))]
+        ("fsdp-maml", lambda: maml_results(trained_engine(maml("fsdp")))),
+        ("fsdp-roll-back", functools.partial(_roll_back, folder))]
 
 
 def worker(job: str, folder: Path) -> int:
@@ -330,6 +349,21 @@ def test_task_batched_maml_under_fsdp_equals_one_process_on_all_tasks(launched: 
         rows = want["adapted"][rank::WORLD]
         assert got["adapted"].shape == rows.shape
         assert (got["adapted"] - rows).abs().max().item() <= 1e-10
+
+
+# -- roll_back -------------------------------------------------------------------------------
+def test_roll_back_under_fsdp_equals_one_process_on_union_batch(launched: Path) -> None:
+    """Reference: one process on the union batch with roll_back (which ends 0.1-0.7 away from
+    the run without it). The window-start snapshot and its restore go through the module's
+    state_dict, i.e. its shards; the module is gathered again right after. Inside a window a
+    checkpoint is refused (the snapshot is per-rank shards), at its end it is written."""
+    got = both_ranks(launched, "fsdp-roll-back")
+    want = trained(bilevel("darts", "default", WORLD * LOCAL_BATCH, roll_back=True))
+    assert all((want[n] - reference("darts")[n]).abs().max() > 1e-2 for n in want)
+    assert_close(got, want, "fsdp/roll_back")
+    assert "problem 'inner' holds the roll_back snapshot" in got["refusal"]
+    assert not (launched / "mid-window.dcp").exists()
+    assert (launched / "window-end.dcp" / ".metadata").is_file()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ graph holds across global steps are freed at each step's end and refilled, with 
 values, at the next step's start (FSDP2 keeps their version counters, as for its own
 reshard-after-forward), so back-propagating through the window at its end sees them.
 
-Not supported (refused with a message): ``roll_back``.
+roll_back: the window-start snapshot and its restore go through the module's state dict,
+which FSDP2 reshards for (the state is the shards); the module is gathered again right after.
+A checkpoint inside such a window is refused (the snapshot is each rank's shards).
 """
 
 from __future__ import annotations
@@ -80,7 +82,6 @@ class FullyShard(DataParallel):
         except ImportError as err:
             raise ConfigError(f"EngineConfig.strategy='fsdp' needs FSDP2 (fully_shard), "
                               f"which this PyTorch lacks ({err}); use 'zero'") from None
-        self._check(engine)
         super().setup(engine)
         if self.world_size == 1:
             return  # nothing to shard (and the engine's loop skips step_context)
@@ -104,15 +105,6 @@ class FullyShard(DataParallel):
                 self._rebuild_optimizer(problem, moved)
             if problem.grad_scaler is not None:
                 _unscale_gathered(problem.grad_scaler, problem.module)
-
-    def _check(self, engine: Engine) -> None:
-        if engine.config.roll_back and False:
-            raise ConfigError(
-                "EngineConfig(roll_back=True) is not supported with strategy='fsdp': its "
-                "snapshot and restore of each window go through module.state_dict() and "
-                "load_state_dict(), which FSDP2 turns into a reshard in the middle of a global "
-                "step (the gathered parameters are freed while the step uses them); use "
-                "strategy='distributed' (ZeRO refuses roll_back too)")
 
     def _regather_after_state_dict(self, module: torch.nn.Module) -> None:
         """FSDP2 reshards a module before its ``state_dict()`` and ``load_state_dict()``

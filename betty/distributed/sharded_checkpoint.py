@@ -76,10 +76,24 @@ def _problem_states(engine: Engine) -> dict[str, Any]:
 
 def _side_state(engine: Engine) -> dict[str, Any]:
     state = checkpoint.engine_state(engine)
-    for training in state["problems"].values():
+    for name, training in state["problems"].items():
         for key in _SHARDED:
             training["state"].pop(key, None)
+        if _holds_shards(training["roll_back"]):
+            raise CheckpointError(
+                f"cannot checkpoint global step {engine.global_step}: problem '{name}' holds "
+                "the roll_back snapshot of its window start, which under strategy='fsdp' is "
+                "each rank's shards; save where its window has rolled back (a global step "
+                "that ends the window, e.g. checkpoint_step a multiple of unroll_steps)")
     return state
+
+
+def _holds_shards(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_shards(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_shards(v) for v in value)
+    return hasattr(value, "to_local")  # a DTensor
 
 
 def _all_finite(engine: Engine) -> bool:
@@ -108,6 +122,7 @@ def save(engine: Engine, path: str | None) -> str:
         raise CheckpointError(f"not saving a checkpoint of global step {engine.global_step}: "
                               "a module holds NaN or inf; the last saved checkpoint is left "
                               "as it was")
+    side = _side_state(engine)  # first: a refusal leaves nothing behind
     parent = os.path.dirname(path)
     tmp = strategy.broadcast_object(
         os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"))
@@ -116,7 +131,6 @@ def save(engine: Engine, path: str | None) -> str:
     strategy.barrier()
     try:
         dcp.save(_problem_states(engine), checkpoint_id=tmp, no_dist=not _distributed())
-        side = _side_state(engine)
         strategy.run_on_main(lambda: checkpoint.atomic_save(side, os.path.join(tmp, SIDE_FILE)))
         strategy.run_on_main(lambda: _replace(tmp, path))
     except BaseException:
