@@ -13,7 +13,7 @@ Rows, for each program:
 * ``reverse``: the lower an IterativeProblem, the upper ``first_order=False`` (``--unroll``
   differentiable lower steps per outer step, default 1).
 
-``mlp-act`` is also run with its hidden segments under ``torch.utils.checkpoint`` (rows
+``mlp-act`` is also run with its blocks under ``torch.utils.checkpoint`` (rows
 marked ``+ckpt``).
 
 Measured in a fresh subprocess per cell (one torch thread):
