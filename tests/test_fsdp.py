@@ -141,6 +141,16 @@ def _save_on_one_rank(folder: Path) -> None:
     engine.save_checkpoint(folder / "one-rank.dcp")
 
 
+def _reverse(folder: Path) -> dict[str, Any]:
+    """Reverse mode under fsdp, checkpointed at a window end (step 4): the replicated
+    IterativeProblem's state goes into the folder beside the sharded upper's."""
+    engine = bilevel("reverse", "fsdp", LOCAL_BATCH, iters=HALF)
+    engine.run()
+    engine.save_checkpoint(folder / "reverse.dcp")
+    engine.config.train_iters = ITERS
+    return trained(engine)
+
+
 def _roll_back(folder: Path) -> dict[str, Any]:
     """roll_back under fsdp; a checkpoint inside a window (step 1) is refused, one at its end
     (step 2) is written."""
@@ -169,7 +179,7 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
                            method, precision))
         for method, precision in MIXED for strategy in ("fsdp", "distributed")] + [
         ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH))),
-        ("fsdp-reverse", lambda: trained(bilevel("reverse", "fsdp", LOCAL_BATCH))),
+        ("fsdp-reverse", functools.partial(_reverse, folder)),
         ("fsdp-maml", lambda: maml_results(trained_engine(maml("fsdp")))),
         ("fsdp-roll-back", functools.partial(_roll_back, folder))]
 
@@ -331,11 +341,16 @@ def test_reverse_mode_under_fsdp_equals_one_process_on_union_batch(launched: Pat
     """Reference: one process on the union batch. The IterativeProblem stays replicated;
     the upper is sharded: its gathered parameters, which the window's graph holds across
     the window's two global steps, are freed between them and refilled with the same values
-    (the upper steps only when the window closes)."""
+    (the upper steps only when the window closes). Its checkpoint at step 4 (replicated
+    lower, sharded upper) resumed by one process ends there too."""
     got = both_ranks(launched, "fsdp-reverse")
     start = parameters(bilevel("reverse", "default", WORLD * LOCAL_BATCH))
     assert all((got[n] - start[n]).abs().max() > 1e-3 for n in start), "a level did not train"
     assert_close(got, reference("reverse"), "fsdp/reverse")
+    resumed = bilevel("reverse", "default", WORLD * LOCAL_BATCH)
+    resumed.load_checkpoint(launched / "reverse.dcp")
+    assert resumed.global_step == HALF
+    assert_close(trained(resumed), reference("reverse"), "fsdp/reverse resumed by 1 process")
 
 
 def test_task_batched_maml_under_fsdp_equals_one_process_on_all_tasks(launched: Path) -> None:

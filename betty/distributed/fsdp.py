@@ -42,6 +42,9 @@ reshard-after-forward), so back-propagating through the window at its end sees t
 roll_back: the window-start snapshot and its restore go through the module's state dict,
 which FSDP2 reshards for (the state is the shards); the module is gathered again right after.
 A checkpoint inside such a window is refused (the snapshot is each rank's shards).
+
+Nothing else is refused. Launched as one process there is nothing to shard: the modules stay
+whole (checkpoints are still sharded folders).
 """
 
 from __future__ import annotations
