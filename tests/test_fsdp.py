@@ -235,6 +235,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine = bilevel("darts", "default", WORLD * LOCAL_BATCH, iters=HALF)
     engine.run()
     engine.save_checkpoint(folder / f"single-darts-step{HALF}.pt")
+    litter = folder / "ckpt" / f".step_00000002.dcp.{'0' * 32}.tmp"  # a killed save's
+    litter.mkdir(parents=True)
+    (litter / "__0_0.distcp").write_bytes(b"partial")
     assert launch("one", folder, world=1) == [0], logs(folder, "one", world=1)
     codes = launch("all", folder)
     assert codes == [0] * WORLD, logs(folder, "all")
@@ -255,7 +258,8 @@ def both_ranks(folder: Path, name: str) -> dict[str, Any]:
 
 # -- checkpoints -----------------------------------------------------------------------------
 def test_sharded_checkpoint_folders_are_listed_and_pruned(launched: Path) -> None:
-    """checkpoint_step=2, keep_checkpoints=1: steps 2 and 4 were written, step 2 pruned."""
+    """checkpoint_step=2, keep_checkpoints=1: steps 2 and 4 were written, step 2 pruned; the
+    folder a killed save had left there is gone."""
     saved = both_ranks(launched, "save")
     assert saved["listed"] == [f"step_{HALF:08d}.dcp"]
     folder = launched / "ckpt" / f"step_{HALF:08d}.dcp"

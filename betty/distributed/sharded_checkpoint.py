@@ -9,17 +9,22 @@ A sharded checkpoint is a folder, ``<checkpoint_dir>/step_<N>.dcp`` by default:
   number of processes can read it back, each taking the slices it holds;
 * ``betty_state.pt``: everything else `betty.checkpoint.engine_state` holds (schedule, loop
   state, random states, each problem's step counter, scheduler, scaler, data position and
-  training extras), small and identical on every rank, written by rank 0.
+  training extras), small and the same on every rank but for the current batch, written by
+  rank 0 as the other strategies write their one file.
 
 Writes are atomic: the folder is written under a temporary name beside its target and
-renamed once every rank has finished. `load` reads such a folder into an engine of any
-strategy and any number of processes (one process without a process group included), and
-also reads an ordinary one-file checkpoint into sharded modules.
+renamed once every rank has finished (what a killed save leaves is removed by the next).
+`load` reads such a folder into an engine of any strategy and any number of processes (one
+process without a process group included), and also reads an ordinary one-file checkpoint
+into sharded modules. It checks the program's signature first, but is not all-or-nothing
+like a one-file load: one that fails midway (a damaged shard) leaves the engine partly
+restored.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -127,6 +132,7 @@ def save(engine: Engine, path: str | None) -> str:
     tmp = strategy.broadcast_object(
         os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"))
     if strategy.is_main:
+        _remove_stale_temporaries(parent)
         os.makedirs(tmp, exist_ok=True)
     strategy.barrier()
     try:
@@ -143,6 +149,18 @@ def save(engine: Engine, path: str | None) -> str:
         checkpoint.prune(directory, engine.config.keep_checkpoints)
     strategy.barrier()
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp(\.old)?$")
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Folders a save killed midway left behind (one run writes its checkpoints at a time,
+    so any such folder here is litter)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if _TEMPORARY.match(name) and os.path.isdir(os.path.join(directory, name)):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _replace(tmp: str, path: str) -> None:
