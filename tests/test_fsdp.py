@@ -94,8 +94,11 @@ def trained(engine: Engine) -> dict[str, Any]:
 def _save_half(folder: Path) -> dict[str, Any]:
     """darts under fsdp, checkpointing every 2 steps into a folder that keeps only the
     newest; the run continues past its checkpoint to ITERS."""
-    engine = bilevel("darts", "fsdp", LOCAL_BATCH, iters=HALF,
+    engine = bilevel("darts", "fsdp", LOCAL_BATCH, iters=1,
                      checkpoint_dir=str(folder / "ckpt"), checkpoint_step=2, keep_checkpoints=1)
+    engine.run()
+    engine.save_checkpoint(folder / "step1.dcp")  # the upper's Adam has not stepped yet
+    engine.config.train_iters = HALF
     engine.run()
     listed = [os.path.basename(p) for _, p in checkpoint.list_checkpoints(folder / "ckpt")]
     explicit = engine.save_checkpoint(folder / "explicit.pt")
@@ -126,8 +129,8 @@ def _resume_latest(folder: Path) -> dict[str, Any]:
     return {**parameters(engine), "steps": torch.tensor(taken)}
 
 
-def _resume(folder: Path, name: str) -> dict[str, Any]:
-    engine = bilevel("darts", "fsdp", LOCAL_BATCH)
+def _resume(folder: Path, name: str, batch: int = LOCAL_BATCH) -> dict[str, Any]:
+    engine = bilevel("darts", "fsdp", batch)
     taken = _steps_taken(engine)
     engine.load_checkpoint(folder / name)
     engine.run()
@@ -173,7 +176,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
     return [("save", functools.partial(_save_half, folder)),
             ("resume-latest", functools.partial(_resume_latest, folder)),
             ("resume-single", functools.partial(_resume, folder, f"single-darts-step{HALF}.pt")),
-            ("resume-one-rank", functools.partial(_resume, folder, "one-rank.dcp"))] + [
+            ("resume-one-rank", functools.partial(_resume, folder, "one-rank.dcp")),
+            ("resume-step1", functools.partial(_resume, folder, "step1.dcp"))] + [
         (f"{strategy}-{method}-{precision}",
          functools.partial(lambda s, m, p: trained(mixed(m, p, s, LOCAL_BATCH)), strategy,
                            method, precision))
@@ -269,13 +273,17 @@ def test_sharded_checkpoint_folders_are_listed_and_pruned(launched: Path) -> Non
 
 
 def test_resume_on_the_same_ranks_is_bitwise_the_uninterrupted_run(launched: Path) -> None:
-    """2 ranks save at step 4 and go on to 8; 2 fresh ranks resume the folder
-    (resume_from='latest') and must end bit for bit where the first run ended."""
-    saved, resumed = both_ranks(launched, "save"), both_ranks(launched, "resume-latest")
-    assert resumed["steps"].tolist() == list(range(HALF + 1, ITERS + 1))
+    """2 ranks save at steps 1 (the upper's Adam not stepped yet: saving must not create
+    its state, as torch's get_state_dict would by stepping it with zero gradients) and 4, and
+    go on to 8, where the reference ends; 2 fresh ranks resume either folder (step 4's by
+    resume_from='latest') and must end bit for bit where the first run ended."""
+    saved = both_ranks(launched, "save")
     assert_close(saved, reference("darts"), "fsdp run around its checkpoints")
-    for name in reference("darts"):
-        assert torch.equal(resumed[name], saved[name]), f"'{name}' differs after resuming"
+    for scenario, start in (("resume-latest", HALF), ("resume-step1", 1)):
+        resumed = both_ranks(launched, scenario)
+        assert resumed["steps"].tolist() == list(range(start + 1, ITERS + 1))
+        for name in reference("darts"):
+            assert torch.equal(resumed[name], saved[name]), f"{scenario}: '{name}' differs"
 
 
 def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(launched: Path) -> None:

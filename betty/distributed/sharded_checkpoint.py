@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 SIDE_FILE = "betty_state.pt"
 SUFFIX = ".dcp"
-_SHARDED = ("module", "optimizer")  # what DCP holds; the side file keeps the rest
 
 
 def default_path(engine: Engine) -> str:
@@ -59,9 +58,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _problem_states(engine: Engine) -> dict[str, Any]:
+def _problem_states(engine: Engine, stateless: set[str]) -> dict[str, Any]:
     """What DCP reads and writes: per problem, its module's and optimizer's state dicts
-    keyed by parameter names (DTensor shards under FSDP, whole tensors otherwise)."""
+    keyed by parameter names (DTensor shards under FSDP, whole tensors otherwise). The
+    optimizers of ``stateless`` (not stepped yet) are left out: torch's ``get_state_dict``
+    would create their state by stepping them with zero gradients, which changes Adam's
+    step count; their empty state travels in the side file."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
@@ -71,7 +73,7 @@ def _problem_states(engine: Engine) -> dict[str, Any]:
     for problem in engine.problems:
         if problem.module is None:
             continue
-        if problem.optimizer is None:
+        if problem.optimizer is None or problem.name in stateless:
             states[problem.name] = {"module": get_model_state_dict(problem.module)}
             continue
         module_state, optimizer_state = get_state_dict(problem.module, problem.optimizer)
@@ -79,11 +81,23 @@ def _problem_states(engine: Engine) -> dict[str, Any]:
     return states
 
 
+def _stateless(engine: Engine) -> set[str]:
+    return {p.name for p in engine.problems if p.optimizer is not None and not p.optimizer.state}
+
+
+def _strip_sharded(state: dict[str, Any]) -> None:
+    """Drop from an `engine_state` what DCP holds (an optimizer without state stays)."""
+    for training in state["problems"].values():
+        training["state"].pop("module", None)
+        optimizer = training["state"].get("optimizer")
+        if optimizer is not None and optimizer["state"]:
+            del training["state"]["optimizer"]
+
+
 def _side_state(engine: Engine) -> dict[str, Any]:
     state = checkpoint.engine_state(engine)
+    _strip_sharded(state)
     for name, training in state["problems"].items():
-        for key in _SHARDED:
-            training["state"].pop(key, None)
         if _holds_shards(training["roll_back"]):
             raise CheckpointError(
                 f"cannot checkpoint global step {engine.global_step}: problem '{name}' holds "
@@ -136,7 +150,8 @@ def save(engine: Engine, path: str | None) -> str:
         os.makedirs(tmp, exist_ok=True)
     strategy.barrier()
     try:
-        dcp.save(_problem_states(engine), checkpoint_id=tmp, no_dist=not _distributed())
+        dcp.save(_problem_states(engine, _stateless(engine)), checkpoint_id=tmp,
+                 no_dist=not _distributed())
         strategy.run_on_main(lambda: checkpoint.atomic_save(side, os.path.join(tmp, SIDE_FILE)))
         strategy.run_on_main(lambda: _replace(tmp, path))
     except BaseException:
@@ -184,22 +199,22 @@ def load(engine: Engine, path: str) -> None:
                                   "sharded checkpoint (or its save did not finish)")
         state = checkpoint.safe_load(side_path)
         check_signature(state["signature"], checkpoint.signature(engine), path)
-        _load_sharded(engine, path)
+        stateless = {name for name, training in state["problems"].items()
+                     if "optimizer" in training["state"]}
+        _load_sharded(engine, path, stateless)
     else:
         state = checkpoint.safe_load(path)
         check_signature(state["signature"], checkpoint.signature(engine), path)
         _load_whole(engine, state)
-        for training in state["problems"].values():
-            for key in _SHARDED:
-                training["state"].pop(key, None)
-    apply_state(engine, state)
+        _strip_sharded(state)
+    apply_state(engine, state)  # the optimizers without state load theirs here
 
 
-def _load_sharded(engine: Engine, path: str) -> None:
+def _load_sharded(engine: Engine, path: str, stateless: set[str]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    states = _problem_states(engine)
+    states = _problem_states(engine, stateless)
     try:
         dcp.load(states, checkpoint_id=path, no_dist=not _distributed())
     except Exception as err:
@@ -209,7 +224,7 @@ def _load_sharded(engine: Engine, path: str) -> None:
         if problem.name not in states:
             continue
         state = states[problem.name]
-        if problem.optimizer is None:
+        if "optimizer" not in state:
             set_model_state_dict(problem.module, state["module"])
         else:
             set_state_dict(problem.module, problem.optimizer, model_state_dict=state["module"],
@@ -229,7 +244,7 @@ def _load_whole(engine: Engine, state: dict[str, Any]) -> None:
         if problem.module is None:
             continue
         saved = state["problems"][problem.name]["state"]
-        if problem.optimizer is None or "optimizer" not in saved:
+        if problem.optimizer is None or not saved.get("optimizer", {}).get("state"):
             set_model_state_dict(problem.module, saved["module"], options=options)
             continue
         set_state_dict(problem.module, problem.optimizer, model_state_dict=saved["module"],
