@@ -158,7 +158,6 @@ def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, capsy
     assert loss == pytest.approx(want.item(), rel=1e-5)
 
 
-@pytest.mark.slow
 @takes_device
 def test_logistic_regression_implicit_cg(run):
     g = run("logistic_regression_hpo/logistic_regression_implicit.py", iters=100)
@@ -176,7 +175,6 @@ LTR_ARGS = ("--device", "cuda" if torch.cuda.is_available() else "cpu", "--batch
             "--imbalanced_factor", "10", "--meta_net_hidden_size", "8")
 
 
-@pytest.mark.slow
 def test_learning_to_reweight(run):
     start = run("learning_to_reweight/main.py", *LTR_ARGS, iters=0)["engine"]
     shutil.rmtree("betty_tensorboard")  # the initial-state run's (empty) event file
@@ -194,7 +192,6 @@ def test_learning_to_reweight(run):
     assert any(f.name.startswith("events.out.tfevents") for f in folder.iterdir())
 
 
-@pytest.mark.slow
 @takes_device
 @pytest.mark.xfail("distributed" not in betty.configs.EngineConfig.__dataclass_fields__,
                    raises=TypeError, strict=False,
@@ -233,7 +230,6 @@ def test_implicit_maml_with_env(run):
 
 
 # -- tutorials -----------------------------------------------------------------------------
-@pytest.mark.slow
 @takes_device
 def test_tutorial_quick_start(run, capsys):
     g = run("tutorial/1_quick_start.py", iters=5)
@@ -264,7 +260,6 @@ def test_tutorial_logging_prints_by_default(run, capsys):
 
 
 # -- ImageNet pruning: self._global_step, self.inner.device, two shuffled loaders ---------
-@pytest.mark.slow
 def test_imagenet_pruning(run, tmp_path):
     classes = HERE / "imagenet_pruning" / "metadata" / "imagenet_classes.json"
     g = run("imagenet_pruning/main.py", "--layers", "18", "--batch_size", "4", "--epochs", "2",
