@@ -139,7 +139,8 @@ def _optimizer_layout(optimizer: Any) -> dict[str, Any] | None:
             "groups": [len(g["params"]) for g in optimizer.param_groups]}
 
 
-def _check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+def check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint of another program: names, state shapes, optimizer layout."""
     if sorted(saved) != sorted(current):
         raise CheckpointError(
             f"checkpoint {path} belongs to another program: it has problems {sorted(saved)}, "
@@ -228,22 +229,23 @@ def load(engine: Engine, path: str | os.PathLike[str]) -> None:
     nothing (a load that fails leaves the engine exactly as it was)."""
     path = os.fspath(path)
     state = safe_load(path)
-    _check_signature(state["signature"], signature(engine), path)
+    check_signature(state["signature"], signature(engine), path)
     try:
         before: dict[str, Any] | None = copy.deepcopy(engine_state(engine))
     except RuntimeError:  # ZeRO: the full optimizer state exists on one rank only
         before = None  # the checks above are then the whole guarantee
     try:
-        _apply(engine, state)
+        apply_state(engine, state)
     except Exception as err:
         if before is not None:
-            _apply(engine, before)
+            apply_state(engine, before)
         raise CheckpointError(f"checkpoint {path} could not be loaded into this program "
                               f"({type(err).__name__}: {err}); the engine is unchanged") from err
     log.info("resumed from %s at global step %d", path, engine.global_step)
 
 
-def _apply(engine: Engine, state: dict[str, Any]) -> None:
+def apply_state(engine: Engine, state: dict[str, Any]) -> None:
+    """Load a verified ``engine_state`` into ``engine`` (problems, schedule, loop, RNG)."""
     for problem in engine.problems:
         problem.load_training_state(state["problems"][problem.name])
     engine.schedule.load_state_dict(state["schedule"])

@@ -33,9 +33,7 @@ import torch
 import torch.distributed as dist
 
 from betty import checkpoint
-from betty.checkpoint import CheckpointError
-from betty.checkpoint import _apply as apply_state  # the one-file load's last stage
-from betty.checkpoint import _check_signature as check_signature
+from betty.checkpoint import CheckpointError, apply_state, check_signature
 
 if TYPE_CHECKING:
     from betty.engine import Engine
