@@ -54,7 +54,8 @@ from betty import Engine  # noqa: E402
 from betty.configs import Config, EngineConfig  # noqa: E402
 from betty.problems import ImplicitProblem, IterativeProblem  # noqa: E402
 
-METHODS = ("plain", "hand-darts", "darts", "sama", "neumann", "cg", "nystrom", "reverse")
+METHODS = ("plain", "hand-darts", "darts", "sama", "neumann", "cg", "nystrom", "f2sa",
+           "reverse")
 DARTS_ALPHA = 0.01
 
 
@@ -118,6 +119,7 @@ def build(p: Program, method: str, args: argparse.Namespace) -> Callable[[], Non
         low = lower_cls("lower", Config(type=method, neumann_iterations=args.iterations,
                                         neumann_alpha=0.1, cg_iterations=args.iterations,
                                         nystrom_rank=args.iterations,
+                                        f2sa_steps=args.iterations,
                                         darts_alpha=DARTS_ALPHA), lower, lower_opt,
                         train_data_loader=[train])
         upper_config = Config()
