@@ -46,6 +46,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *, memory_k
               probe_context=full_precision,
               average=None if strategy.world_size == 1 else strategy.all_average)
     hop.update_jacobian = lower.update_jacobian
+    hop.scale_by_update_jacobian = lambda vectors: lower.update_jacobian(into=vectors)
     # warm starts: kept by the lower per path and hop (two paths through one hop solve for
     # different vectors), checkpointed with it
     hop.memory = lower.hop_memory(memory_key or upper.name)

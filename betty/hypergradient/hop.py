@@ -80,6 +80,8 @@ class Hop:
         self._bound: tuple[list[Tensor], Tensor | None] | None = None
         # diagonal dU/dg of the lower optimizer's update, for optimizer-aware methods (sama)
         self.update_jacobian: Callable[[], list[Tensor]] | None = None
+        # the same P multiplied into a vector in place, one tensor at a time (no list of P)
+        self.scale_by_update_jacobian: Callable[[list[Tensor]], Any] | None = None
         # where methods report diagnostics (key, 0-d tensor); None = diagnostics off, so a
         # method must not spend anything on them (betty.diagnostics)
         self.report: Callable[[str, Tensor], None] | None = None

@@ -236,6 +236,20 @@ class FunctionalOptimizer:
                 diags.append(self.rule.diag(param, grad, state[index], group))
         return diags
 
+    def scale_by_update_jacobian(self, vectors: Sequence[Tensor], params: Sequence[Tensor],
+                                 grads: Sequence[Tensor | None]) -> None:
+        """``vectors[i] *= P_i`` in place, one parameter's P at a time, so no list of P is
+        ever alive (SAMA on a parameter-dominated model: one parameter-sized vector less)."""
+        state = self.init_state(params, clone=False)  # reads only
+        for what, values in (("params", params), ("grads", grads), ("vectors", vectors)):
+            self._check(what, values)
+        for index, _, group in self._groups():
+            grad = grads[index]
+            if grad is None:
+                vectors[index].zero_()
+            else:
+                vectors[index].mul_(self.rule.diag(params[index], grad, state[index], group))
+
     def write_back(self, state: Sequence[State]) -> None:
         """Store ``state`` (detached clones) into ``optimizer.state`` for torch.optim to go on.
 

@@ -276,12 +276,12 @@ class Problem(ProblemBase):
             self.scheduler.step()
         return True
 
-    def update_jacobian(self) -> list[Tensor]:
+    def update_jacobian(self, into: list[Tensor] | None = None) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
         and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
         grads = (self._last_grads or []) if self._keeps_gradient else None
         return update_jacobian(self._name, self.parameter_list(), self.optimizer, grads,
-                               strategy_of(self))
+                               strategy_of(self), into=into)
 
     def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> None:
         log_step = self._config.log_step
