@@ -157,7 +157,8 @@ class EngineConfig:
     resume_from: str | None = None
     keep_checkpoints: int = 0
     # seeing a run (docs/observability.md)
-    log_dir: str | None = None  # tensorboard/csv: <log_dir or "runs">/<run_name>; wandb: dir
+    log_dir: str | None = None  # tensorboard: <log_dir or "betty_tensorboard">/<run_name>;
+    # csv: <log_dir or "runs">/<run_name>; wandb: its dir
     run_name: str | None = None  # default: a time stamp; wandb: the run's name
     progress_bar: bool = True  # tqdm over global steps; off anyway when not on a terminal
     diagnostics: bool = False  # hypergradient norms, CG residual, Neumann radius, step times
@@ -165,6 +166,7 @@ class EngineConfig:
     distributed_timeout: float = 1800.0
     # non-finite losses, gradients, hypergradients (docs/reliability.md): raise, skip or off
     nonfinite: str = "raise"
+    distributed: bool = False  # the original's field, which its engine never read: see strategy
 
     def __post_init__(self) -> None:
         self.validate()
@@ -172,7 +174,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that holds an unusable value."""
         _flags("EngineConfig", self, ("roll_back", "early_stopping", "progress_bar",
-                                      "diagnostics"))
+                                      "diagnostics", "distributed"))
         _integer("EngineConfig", "train_iters", self.train_iters, minimum=0)
         _integer("EngineConfig", "valid_step", self.valid_step, minimum=1)
         _choice("EngineConfig", "logger_type", self.logger_type, LOGGER_TYPES, "a logger")

@@ -191,3 +191,24 @@ def test_configured_logging_is_left_alone(monkeypatch):
     assert (logger.level, logger.handlers) == (logging.INFO, [])
     logger.info("shown")
     assert mine.stream.getvalue() == "shown\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+def test_device_argument_is_accepted_and_cuda_falls_back_on_a_cpu_machine(caplog):
+    class Quadratic(ImplicitProblem):
+        def training_step(self, batch):
+            return (self.module.weight.sum() - 1.0) ** 2
+
+    made = []
+    for device in ("cuda", "cpu", None):
+        net = torch.nn.Linear(1, 1, bias=False)
+        made.append(Quadratic("p", module=net, device=device,
+                              optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                              train_data_loader=[torch.zeros(1)]))
+    with caplog.at_level(logging.WARNING, logger="betty"):
+        for problem in made:
+            Engine([problem], EngineConfig(train_iters=1, distributed=False)).run()
+    assert [p.device for p in made] == [torch.device("cpu")] * 3
+    assert "device=cuda requested but CUDA is not available" in caplog.text
+    with pytest.raises(Exception, match="distributed='yes' must be True or False"):
+        EngineConfig(distributed="yes")

@@ -26,7 +26,8 @@ class ProblemBase(ProblemHooks):
     def __init__(self, name: str, config: Config | None = None,
                  module: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                 train_data_loader: Any = None, extra_config: Any = None) -> None:
+                 train_data_loader: Any = None, extra_config: Any = None,
+                 device: str | torch.device | None = None) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise ProblemDefinitionError(
                 f"Problem name {name!r} must be a Python identifier (problems reach each "
@@ -45,6 +46,8 @@ class ProblemBase(ProblemHooks):
         self._leaf = False
         self._engine: Engine | None = None
         self._device = torch.device("cpu")
+        # the original's argument: where this problem trains (default: the engine's device)
+        self.requested_device = None if device is None else torch.device(device)
         self._source: BatchSource | None = None
         self._last_loss: Tensor | None = None
 

@@ -29,7 +29,7 @@ def problem_takes_device() -> bool:
         parameters = inspect.signature(cls.__init__).parameters.values()
         named = [p.name for p in parameters
                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if named != ["self"]:
+        if named != ["self"]:  # not (*args, **kwargs): this class states the signature
             return "device" in named
     return False
 

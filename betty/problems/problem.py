@@ -43,7 +43,8 @@ class Problem(ProblemBase):
         name: a Python identifier; other problems reach this one as ``self.<name>``.
         config: this problem's `Config` (default ``Config()``).
         module, optimizer, scheduler, train_data_loader: or the ``configure_*`` hooks.
-        extra_config: anything, kept as ``self.cfg``.
+        extra_config: anything, kept as ``self.cfg``; device: where it trains (the
+            original's argument; default: the engine's device).
 
     Raises:
         ProblemDefinitionError: ``name`` is not an identifier.
@@ -105,7 +106,7 @@ class Problem(ProblemBase):
     def initialize(self, engine: Engine, device: torch.device) -> None:
         """Resolve module/optimizer/scheduler/data (constructor or hooks), check them, and
         build this problem's step pipeline."""
-        self._engine, self._device = engine, device
+        self._engine, self._device = engine, setup.placement(self, device)
         self.check_definition()
         setup.check_reverse_only_fields(self)
         self.module = setup.given(self.configure_module(), self.module)

@@ -5,11 +5,14 @@ Each check raises with the problem's name and what to change.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from betty.errors import ConfigError, ProblemDefinitionError
+
+log = logging.getLogger("betty")
 
 
 def given(from_hook: Any, from_constructor: Any) -> Any:
@@ -114,3 +117,17 @@ def shares_a_window(problem: Any) -> bool:
     return not problem.config.first_order and any(
         c.supports_reverse_mode and sum(not u.config.first_order for u in c.parents) > 1
         for c in problem.children)
+
+
+def placement(problem: Any, engine_device: torch.device) -> torch.device:
+    """The engine's device, or the one given as ``Problem(..., device=...)`` (the original's
+    argument) when this machine has it; a CUDA device without CUDA falls back, with a
+    warning, so the original's programs (``device="cuda"`` by default) run on CPUs."""
+    wanted = problem.requested_device
+    if wanted is None or wanted == engine_device:
+        return engine_device
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        log.warning("problem '%s': device=%s requested but CUDA is not available; training "
+                    "on %s", problem.name, wanted, engine_device)
+        return engine_device
+    return wanted
