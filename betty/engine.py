@@ -56,6 +56,7 @@ class Engine:
         self.dependencies = dependencies or {"u2l": {}, "l2u": {}}
         self.env = env
         self.global_step = 0
+        self.cascading = False  # inside cascade_from: Problem.step steps only itself
         self.leaves: list[Problem] = []
         self.device = torch.device("cpu")
         self._buffers: list[torch.Tensor] = []
@@ -173,10 +174,21 @@ class Engine:
         """One global step: each leaf steps once; finished windows trigger their uppers.
         With ``roll_back``, a finished window is then replayed as one real step per lower."""
         for leaf in self.leaves:
-            if self._cascade(leaf, roll_back=False) and self.config.roll_back:
-                self._cascade(leaf, roll_back=True)
+            self.cascade_from(leaf)
         if self.guard.flags:
             self.guard.end_step(self.global_step)  # the step's one read of its finite flags
+
+    def cascade_from(self, leaf: Problem) -> bool:
+        """Step ``leaf`` and every upper its finished window completes (then, with
+        ``roll_back``, replay the window); True if the leaf's window ended."""
+        self.cascading = True
+        try:
+            ended = self._cascade(leaf, roll_back=False)
+            if ended and self.config.roll_back:
+                self._cascade(leaf, roll_back=True)
+        finally:
+            self.cascading = False
+        return ended
 
     def _cascade(self, leaf: Problem, *, roll_back: bool) -> bool:
         """Step ``leaf`` and, depth first, every upper it completes; True if the leaf's
@@ -193,7 +205,7 @@ class Engine:
             if roll_back:
                 ends_window = problem.roll_back_step() and bool(problem.parents)
             else:
-                ends_window = problem.step(global_step=self.global_step)
+                ends_window = problem.local_step(global_step=self.global_step)
             if started is not None:
                 self.diagnostics.add_time(problem.name, started)
             schedule.reset(problem.name)

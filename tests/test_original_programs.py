@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 import betty.configs
 from betty.problems import IterativeProblem
-from betty.problems.compat import problem_takes_device
 
 HERE = Path(__file__).parent / "original_programs"
 sys.path.insert(0, str(HERE))
@@ -39,11 +38,6 @@ import standins  # noqa: E402  (tests/original_programs/standins.py)
 sys.path.remove(str(HERE))
 REAL_POST_INIT = betty.configs.EngineConfig.__post_init__
 
-
-# The original's programs pass ``device=...`` to every Problem; betty's Problem must take it.
-takes_device = pytest.mark.xfail(
-    not problem_takes_device(), raises=TypeError,
-    strict=False, reason="Problem(..., device=...) (the original's argument) is not accepted")
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +152,6 @@ def test_logistic_regression_higher_iterative_problem_is_reverse_mode(run, capsy
     assert loss == pytest.approx(want.item(), rel=1e-5)
 
 
-@takes_device
 def test_logistic_regression_implicit_cg(run):
     g = run("logistic_regression_hpo/logistic_regression_implicit.py", iters=100)
     engine = g["engine"]
@@ -192,11 +185,6 @@ def test_learning_to_reweight(run):
     assert any(f.name.startswith("events.out.tfevents") for f in folder.iterdir())
 
 
-@takes_device
-@pytest.mark.xfail("distributed" not in betty.configs.EngineConfig.__dataclass_fields__,
-                   raises=TypeError, strict=False,
-                   reason="EngineConfig(distributed=...) (a field of the original's "
-                          "EngineConfig, which its engine ignores) is not accepted")
 def test_learning_to_reweight_meta_iterative_problem(run):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -211,9 +199,6 @@ def test_learning_to_reweight_meta_iterative_problem(run):
 
 # -- iMAML: a betty.envs.Env draws the tasks ------------------------------------------------
 @pytest.mark.slow
-@takes_device
-@pytest.mark.xfail(strict=False, reason="a user's Engine.train_step that calls leaf.step() "
-                   "does not step the uppers (the original's Problem.step does)")
 def test_implicit_maml_with_env(run):
     argv = ("--n_way", "3", "--k_spt", "1", "--k_qry", "2", "--inner_steps", "2",
             "--task_num", "2")
@@ -230,7 +215,6 @@ def test_implicit_maml_with_env(run):
 
 
 # -- tutorials -----------------------------------------------------------------------------
-@takes_device
 def test_tutorial_quick_start(run, capsys):
     g = run("tutorial/1_quick_start.py", iters=5)
     engine = g["engine"]
@@ -242,7 +226,6 @@ def test_tutorial_quick_start(run, capsys):
 
 
 @pytest.mark.slow
-@takes_device
 def test_tutorial_logging_prints_by_default(run, capsys):
     g = run("tutorial/3_logging.py", iters=100, valid=100, fresh_logging=True)
     engine = g["engine"]
@@ -283,7 +266,6 @@ def test_imagenet_pruning(run, tmp_path):
 
 # -- DARTS architecture search (roll_back=True) --------------------------------------------
 @pytest.mark.slow
-@takes_device
 def test_darts_architecture_search(run):
     argv = ("--batchsz", "8", "--epochs", "1", "--init_ch", "4", "--layers", "1",
             "--arch_steps", "2")
@@ -302,7 +284,6 @@ def test_darts_architecture_search(run):
 
 # -- learning by ignoring: three levels, DataLoader workers --------------------------------
 @pytest.mark.slow
-@takes_device
 def test_learning_by_ignoring(run, capsys):
     argv = ("--batch_size", "4", "--data_dir", "data")
     start = run("learning_by_ignoring/main.py", *argv, iters=0)["engine"]

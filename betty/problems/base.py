@@ -133,6 +133,16 @@ class ProblemBase(ProblemHooks):
         clock.count = self.clock.count
         self.clock = clock
 
+    def step(self, global_step: int | None = None) -> bool:
+        """One local step and, as the original's ``Problem.step`` does, one step of every
+        upper whose lowers have all completed a window (the engine's cascade, with
+        roll-back). True when this problem's window ended. `Engine.train_step` calls it
+        for every leaf; a user's ``train_step`` override may too."""
+        engine = self._engine
+        if engine is None or engine.cascading:
+            return self.local_step(global_step)  # type: ignore[attr-defined]
+        return engine.cascade_from(self)
+
     def refresh_parameters(self) -> None:
         """Re-read `trainable_parameters()` (after the module's parameters were replaced);
         `Problem` caches them."""

@@ -201,9 +201,9 @@ class Problem(ProblemBase):
         return loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
 
     # -- one local step ------------------------------------------------------------------
-    def step(self, global_step: int | None = None) -> bool:
-        """One local step; returns True when this step ends an unroll window (the engine
-        then triggers the uppers). Use `Engine.train_step` to step a whole program."""
+    def local_step(self, global_step: int | None = None) -> bool:
+        """One local step of this problem alone; True when it ends an unroll window (the
+        engine then triggers the uppers). `step` also steps the uppers."""
         opens, snapshot = self.clock.open_window()
         if opens:
             self._close_window()
