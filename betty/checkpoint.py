@@ -71,6 +71,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state`."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     cuda = state.get("cuda")
@@ -172,6 +173,7 @@ def check_signature(saved: dict[str, Any], current: dict[str, Any], path: str) -
 
 # -- the whole engine ------------------------------------------------------------------
 def engine_state(engine: Engine) -> dict[str, Any]:
+    """Everything a checkpoint holds: format, loop, schedule, signature, problems, RNG."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -255,6 +257,7 @@ def apply_state(engine: Engine, state: dict[str, Any]) -> None:
 
 # -- files -----------------------------------------------------------------------------
 def checkpoint_path(directory: str | os.PathLike[str], global_step: int) -> str:
+    """``<directory>/step_<global_step, 8 digits>.pt``."""
     return os.path.join(os.fspath(directory), f"step_{global_step:08d}.pt")
 
 
@@ -270,6 +273,7 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, str]]
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
+    """The newest checkpoint in ``directory`` (None if there is none)."""
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
 

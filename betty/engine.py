@@ -19,8 +19,8 @@ from betty import checkpoint, program_checks
 from betty.checkpoint_policy import CheckpointPolicy, checkpoint_blockers
 from betty.configs import EngineConfig
 from betty.diagnostics import Diagnostics
-from betty.distributed import DISTRIBUTED_STRATEGIES, make_strategy
-from betty.errors import ConfigError, DependencyError, ProblemDefinitionError
+from betty.distributed import make_strategy
+from betty.errors import DependencyError, ProblemDefinitionError
 from betty.graph import build_graph, resolve_dependencies
 from betty.guard import FiniteGuard
 from betty.logging import ProgressBar, format_metrics, learning_rates, make_logger
@@ -89,7 +89,7 @@ class Engine:
             problem.check_definition()
         self.dependencies = resolve_dependencies(self.problems, self.dependencies)  # names ok
         graph = build_graph(self.problems, self.dependencies)
-        self.device = self._pick_device()
+        self.device = program_checks.pick_device(self.config.strategy, self.strategy)
         for problem in self.problems:
             problem.clear_dependencies()
             for parent in graph.parents[problem]:
@@ -119,17 +119,6 @@ class Engine:
         if log.isEnabledFor(logging.INFO):  # the program's picture, when logging is verbose
             log.info("%s", self.graph().to_text())
 
-    def _pick_device(self) -> torch.device:
-        strategy = self.config.strategy
-        if strategy in DISTRIBUTED_STRATEGIES:
-            return self.strategy.device  # cuda:<LOCAL_RANK>, or the CPU
-        if strategy == "gpu" and not torch.cuda.is_available():
-            raise ConfigError("EngineConfig.strategy='gpu' but CUDA is not available; use "
-                              "'cpu' or 'default'")
-        if strategy == "cpu" or not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-
     def _set_names(self) -> None:
         """``engine.<name>`` and ``problem.<other_name>`` for every pair of problems."""
         for problem in self.problems:
@@ -152,6 +141,7 @@ class Engine:
                 setattr(problem, other.name, other)
 
     def all_buffers(self) -> list[torch.Tensor]:
+        """Buffers of every problem's module (hypergradient probes restore them)."""
         return self._buffers
 
     def graph(self) -> ProgramPicture:
@@ -327,6 +317,7 @@ class Engine:
                 "bad_validations": self._bad_validations, "stopped": self.stopped_early}
 
     def load_loop_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `loop_state_dict`."""
         self.global_step = int(state["global_step"])
         self._best = state["best"]
         self._bad_validations = int(state["bad_validations"])
@@ -383,10 +374,12 @@ class Engine:
         self.logger.log(metrics, tag=name, step=step)
 
     def train(self) -> None:
+        """Every problem in training mode."""
         for problem in self.problems:
             problem.train()
 
     def eval(self) -> None:
+        """Every problem in evaluation mode (around `validation`)."""
         for problem in self.problems:
             problem.eval()
 

@@ -11,9 +11,25 @@ import os
 import tempfile
 from typing import Any
 
+import torch
+
 from betty.errors import ConfigError, DependencyError
 
 log = logging.getLogger("betty")
+
+
+def pick_device(strategy_name: str, strategy: Any) -> torch.device:
+    """The engine's device for ``EngineConfig.strategy``; 'gpu' without CUDA is refused."""
+    from betty.distributed import DISTRIBUTED_STRATEGIES
+
+    if strategy_name in DISTRIBUTED_STRATEGIES:
+        return strategy.device  # cuda:<LOCAL_RANK>, or the CPU
+    if strategy_name == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("EngineConfig.strategy='gpu' but CUDA is not available; use "
+                          "'cpu' or 'default'")
+    if strategy_name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def check_orders(problems: list[Any]) -> None:

@@ -50,14 +50,17 @@ class ProblemBase(ProblemHooks):
         self.requested_device = None if device is None else torch.device(device)
         self._source: BatchSource | None = None
         self._last_loss: Tensor | None = None
+        self._training = True
 
     # -- members users touch -----------------------------------------------------------
-    name = property(lambda self: self._name)
-    config = property(lambda self: self._config)
-    children = property(lambda self: self._children)
-    parents = property(lambda self: self._parents)
-    paths = property(lambda self: self._paths)
-    engine = property(lambda self: self._engine)
+    name = property(lambda self: self._name, doc="This problem's name (read-only).")
+    config = property(lambda self: self._config, doc="This problem's `Config` (read-only).")
+    children = property(lambda self: self._children,
+                        doc="The lower problems that trigger this one (``l2u``).")
+    parents = property(lambda self: self._parents,
+                       doc="The upper problems this one triggers (``l2u``).")
+    paths = property(lambda self: self._paths, doc="Hypergradient paths ``[self, ..., self]``.")
+    engine = property(lambda self: self._engine, doc="The `Engine` running this problem.")
 
     @property
     def count(self) -> int:
@@ -99,31 +102,55 @@ class ProblemBase(ProblemHooks):
         return self.forward(*args, **kwargs)
 
     # -- wiring (the engine calls these; the original's unit tests call them too) ---------
+    def train(self) -> None:
+        """Training mode: local steps count, the module in train mode."""
+        self._training = True
+        if self.module is not None:
+            self.module.train()
+
+    def eval(self) -> None:
+        """Evaluation mode (validation): steps do not count, the module in eval mode."""
+        self._training = False
+        if self.module is not None:
+            self.module.eval()
+
+    def cuda_devices(self) -> list[int]:
+        """CUDA device indices whose random state a hypergradient probe must keep."""
+        return [self._device.index or 0] if self._device.type == "cuda" else []
+
     def add_child(self, problem: Any) -> None:
+        """Make ``problem`` a lower of this one (the engine wires ``l2u`` this way)."""
         if problem not in self._children:
             self._children.append(problem)
 
     def add_parent(self, problem: Any) -> None:
+        """Make ``problem`` an upper of this one."""
         if problem not in self._parents:
             self._parents.append(problem)
 
     def add_paths(self, paths: list[list[Any]]) -> None:
+        """Add hypergradient paths that start and end at this problem."""
         self._paths.extend(p for p in paths if p not in self._paths)
 
     def clear_dependencies(self) -> None:
+        """Forget lowers, uppers and paths (the engine re-wires a program)."""
         self._children, self._parents, self._paths = [], [], []
 
     def set_module(self, module: torch.nn.Module) -> None:
+        """Replace the module (its parameters are read again)."""
         self.module = module
         self.refresh_parameters()
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replace the optimizer (used as given, never rebuilt)."""
         self.optimizer = optimizer
 
     def set_scheduler(self, scheduler: Any) -> None:
+        """Replace the learning-rate scheduler."""
         self.scheduler = scheduler
 
     def set_train_data_loader(self, loader: Any) -> None:
+        """Replace the data (a loader, a list of batches, or a tuple of them)."""
         self.train_data_loader = loader
         if self._source is not None:
             self._source = BatchSource(self._name, loader, self.epoch_callback)

@@ -57,6 +57,7 @@ class IterativeProblem(Problem):
 
     # -- set-up --------------------------------------------------------------------------
     def initialize(self, engine: Engine, device: torch.device) -> None:
+        """`Problem.initialize`, then the functional window over the user's optimizer."""
         if self.config.precision == "fp16":
             raise ConfigError(
                 f"problem '{self.name}': {type(self).__name__} does not support "
@@ -201,6 +202,7 @@ class IterativeProblem(Problem):
                 "(the graph back to the window start) a checkpoint cannot hold")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`Problem.load_state_dict`, after closing any window."""
         self._close_window()  # a loaded state starts from the real parameters
         super().load_state_dict(state)
 
@@ -263,6 +265,7 @@ class IterativeProblem(Problem):
             self._close_window()
 
     def roll_back_step(self) -> bool:
+        """`Problem.roll_back_step` from the real parameters (the window closed)."""
         self._close_window()
         return super().roll_back_step()
 
@@ -280,6 +283,7 @@ class IterativeProblem(Problem):
                 window.swap_in(live)  # type: ignore[union-attr]
 
     def state_dict(self) -> dict[str, Any]:
+        """`Problem.state_dict`, with a live window's optimizer state written back."""
         window = self._window
         if window is not None and window.state is not None and self._window_is_module():
             window.fopt.write_back(detach_state(window.state))

@@ -60,7 +60,6 @@ class Problem(ProblemBase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # the signature: ProblemBase
         super().__init__(*args, **kwargs)
-        self._training = True
         self._precision: Precision | None = None
         self._gradients: PathGradients | None = None
         self._local_step: LocalStep | None = None
@@ -170,9 +169,6 @@ class Problem(ProblemBase):
     def engine_buffers(self) -> list[Tensor]:
         """Buffers of every problem's module (restored after hypergradient probes)."""
         return self._engine.all_buffers() if self._engine is not None else []
-
-    def cuda_devices(self) -> list[int]:
-        return [self._device.index or 0] if self._device.type == "cuda" else []
 
     # -- data and loss -------------------------------------------------------------------
     def get_batch(self) -> Any:
@@ -291,16 +287,6 @@ class Problem(ProblemBase):
             self._engine.log_metrics(self._name, loss_dict, step)
 
     # -- modes and state -----------------------------------------------------------------
-    def train(self) -> None:
-        self._training = True
-        if self.module is not None:
-            self.module.train()
-
-    def eval(self) -> None:
-        self._training = False
-        if self.module is not None:
-            self.module.eval()
-
     def state_dict(self) -> dict[str, Any]:
         """Module, optimizer, scheduler, scaler and step counter of this problem."""
         state: dict[str, Any] = {"count": self.count}
@@ -312,6 +298,7 @@ class Problem(ProblemBase):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict` (the module's, optimizer's, scheduler's, scaler's)."""
         self.clock.count = int(state.get("count", 0))
         for key in ("module", "optimizer", "scheduler"):
             if key in state and getattr(self, key) is not None:
@@ -335,6 +322,7 @@ class Problem(ProblemBase):
                 "hop_memory": self._hop_memory}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `training_state` (checkpoints; the data loaders are replayed)."""
         assert self._local_step is not None and self._gradients is not None
         self.load_state_dict(state["state"])
         self._gradients.load_state_dict(state["gradients"])

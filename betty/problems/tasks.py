@@ -110,6 +110,7 @@ class TaskBatchedProblem(IterativeProblem):
 
     # -- set-up --------------------------------------------------------------------------
     def initialize(self, engine: Engine, device: torch.device) -> None:
+        """`IterativeProblem.initialize`; refuses first-order uppers and lowers of its own."""
         super().initialize(engine, device)
         forward_uppers = [p.name for p in self.parents if p.config.first_order]
         if forward_uppers:
