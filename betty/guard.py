@@ -48,8 +48,9 @@ class FiniteGuard:
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.active = policy != "off"
-        self.flags: list[Tensor] = []  # pending device checks (read at the step's end)
-        self._values: list[Tensor] = []  # max |entry| of each check, read only on failure
+        # pending checks: a 0-d value per loss, the max |entry| per gradient tensor (NaN or
+        # inf propagate into it); finiteness is decided for all of them at the one read
+        self.flags: list[Tensor] = []
         self._where: list[tuple[str, int, str]] = []  # (problem, local step, what)
         self.skipped: dict[str, int] = {}
 
@@ -58,11 +59,16 @@ class FiniteGuard:
         """Record whether ``tensors`` are all finite (no host read)."""
         if not self.active:
             return
-        magnitude = largest_magnitude(tensors)
-        if magnitude is not None:
-            self.flags.append(torch.isfinite(magnitude))
-            self._values.append(magnitude)
-            self._where.append((owner, step, what))
+        present = [t.detach() if t.requires_grad else t for t in tensors
+                   if t is not None and t.numel()]
+        if not present:
+            return
+        if len(present) == 1 and present[0].dim() == 0:
+            values: list[Tensor] = present  # a loss: no kernel at all until the read
+        else:
+            values = list(torch._foreach_norm(present, float("inf")))
+        self.flags.extend(values)
+        self._where.extend([(owner, step, what)] * len(values))
 
     def allow_step(self, owner: str) -> bool:
         """Before ``owner``'s optimizer step: False if it must be skipped (policy "skip"
@@ -72,11 +78,10 @@ class FiniteGuard:
         mine = [i for i, (name, _, _) in enumerate(self._where) if name == owner]
         if not mine:
             return True
-        finite = torch.stack([self.flags[i] for i in mine]).tolist()  # the one read
+        finite = _finite([self.flags[i] for i in mine])  # the one read
         bad = [self._where[i] for i, ok in zip(mine, finite) if not ok]
         keep = set(mine)
         self.flags = [f for i, f in enumerate(self.flags) if i not in keep]
-        self._values = [v for i, v in enumerate(self._values) if i not in keep]
         self._where = [w for i, w in enumerate(self._where) if i not in keep]
         if not bad:
             return True
@@ -92,9 +97,10 @@ class FiniteGuard:
         failure (policy "raise")."""
         if not self.flags:
             return
-        finite = torch.stack(self.flags).tolist()  # the global step's one host read
-        where, values = self._where, self._values
-        self.flags, self._values, self._where = [], [], []
+        values, where = self.flags, self._where
+        # the global step's one host read
+        finite = _finite(values)
+        self.flags, self._where = [], []
         for ok, value, (name, step, what) in zip(finite, values, where):
             if not ok and self.policy == "raise":
                 shown = "nan" if value.isnan() else "inf"  # a failure: reads are free now
@@ -104,3 +110,11 @@ class FiniteGuard:
                     "Lower the learning rate, clip gradients (Config.gradient_clipping), "
                     "check the data, or set EngineConfig(nonfinite='skip') to skip such steps"
                 )
+
+
+def _finite(values: list[Tensor]) -> list[bool]:
+    """Which 0-d ``values`` are finite: one stack, one kernel, one host read (float64 when
+    the dtypes differ, which keeps every finite value finite)."""
+    dtypes = {v.dtype for v in values}
+    same = values if len(dtypes) == 1 else [v.double() for v in values]
+    return torch.isfinite(torch.stack(same)).tolist()
