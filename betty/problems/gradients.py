@@ -56,10 +56,6 @@ class PathGradients:
         self.seen = False  # a hypergradient reached this problem at least once
         self.moved = False  # a gradient (direct or not) reached its parameters once
 
-    @property
-    def implicit_paths(self) -> list[list[Any]]:
-        return self.owner.paths if self.config.first_order else []
-
     def __call__(self, loss: Tensor, wrt: Sequence[Tensor], *, create_graph: bool = False,
                  retain_graph: bool = False) -> Grads:
         """Gradients of ``loss`` w.r.t. ``wrt`` (the problem's parameters, or the functional
