@@ -127,8 +127,11 @@ def test_meta_trainable_parameters_naming_the_trainable_ones_is_accepted():
             return list(self.module.parameters())
 
     net = nn.Linear(2, 1)
+    before = net.weight.detach().clone()
     Engine([Same("p", module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                  train_data_loader=[torch.ones(1, 2)])], EngineConfig(train_iters=1)).run()
+    # d(sum(W x + b))/dW = x = (1, 1): one SGD step moves every weight by -0.1
+    torch.testing.assert_close(net.weight.detach(), before - 0.1)
 
 
 def test_meta_trainable_parameters_naming_others_is_refused_before_training():
