@@ -14,7 +14,8 @@ loss on a separate batch that reaches the upper only through the hypergradient:
 * ``mlp-act`` (activation-dominated): a residual MLP (`CheckpointedMLP`, 1.1M parameters) on
   a batch of 1000, whose activations (about 32 MB) are several times its parameters,
   gradients and momentum; SGD momentum lower, the weight net upper. With ``checkpointing`` its
-  blocks run under ``torch.utils.checkpoint`` (non-reentrant).
+  blocks run under ``betty.activation_checkpoint`` (``torch.utils.checkpoint``, non-reentrant,
+  recomputing with the weights of the step it belongs to, which reverse mode needs).
 
 Data is random with a fixed seed (cost does not depend on it).
 """
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from betty import activation_checkpoint
 
 Batch = tuple[Tensor, ...]
 
@@ -75,7 +77,7 @@ def classification_batches(size: int, seed: int) -> tuple[Batch, Batch]:
 class CheckpointedMLP(nn.Module):
     """64 -> 128, four residual blocks ``h + fc2(gelu(fc1(h)))`` of width 128 with a hidden
     width of 1024, -> 10. Each block saves two 1024-wide activations for backward; with
-    ``use_checkpoint`` each block runs under ``torch.utils.checkpoint`` and saves only its
+    ``use_checkpoint`` each block runs under ``betty.activation_checkpoint`` and saves only its
     128-wide input (the inside is recomputed during backward, one block at a time)."""
 
     def __init__(self, use_checkpoint: bool) -> None:
@@ -90,7 +92,7 @@ class CheckpointedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.stem(x)
         for block in self.blocks:
-            h = h + (checkpoint(block, h, use_reentrant=False) if self.use_checkpoint
+            h = h + (activation_checkpoint(block, h) if self.use_checkpoint
                      else block(h))
         return self.head(h)
 

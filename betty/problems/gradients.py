@@ -10,6 +10,7 @@ unrolled updates are in the loss's graph and autograd covers them: no implicit p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from betty.errors import HypergradientError, TrainingError
 from betty.hypergradient.chain import path_hypergradient
+from betty.problems.window import unbound_windows
 
 Grads = list[Tensor | None]
 
@@ -68,8 +70,10 @@ class PathGradients:
             )
         reached = False
         all_paths = owner.paths
-        if all_paths and not config.first_order and not self.seen:
-            reached = reverse_paths_reach(all_paths, loss, wrt)
+        reverse = bool(all_paths) and not config.first_order
+        if reverse and not self.seen:
+            with unbound_windows():
+                reached = reverse_paths_reach(all_paths, loss, wrt)
         paths = all_paths if config.first_order else []
         guard = self.guard
         if not all_paths and strategy.world_size == 1 and not create_graph:
@@ -77,7 +81,11 @@ class PathGradients:
             if self.checks:
                 guard.observe(owner.name, owner.count, "gradient", direct)
             return direct
-        direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph, retain_graph)
+        # reverse mode: the backward runs through the lowers' windows, whose module slots
+        # must not be read meanwhile (betty.activation)
+        with unbound_windows() if reverse else nullcontext():
+            direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph,
+                                                   retain_graph)
         if self.checks:
             guard.observe(owner.name, owner.count, "gradient", direct)
         if strategy.world_size > 1:  # several processes: one all-reduce for all heads

@@ -11,16 +11,74 @@ task dimension ``T`` and never enter the module's slots outside its vmapped forw
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from betty.errors import ProblemDefinitionError
+from betty.errors import ProblemDefinitionError, TrainingError
 from betty.problems.pipeline import Clip, Grads
 
 Slot = tuple[torch.nn.Module, str]
+
+# windows whose tensors go into their module's parameter slots (an IterativeProblem's):
+# activation checkpointing must see, when it recomputes, what those slots held at its forward
+SLOTTED: weakref.WeakSet[FunctionalWindow] = weakref.WeakSet()
+
+
+class Unbound(Tensor):
+    """What a window's parameter slots hold while an upper back-propagates through it: a
+    recomputation that reads them (activation checkpointing without
+    `betty.recompute_context`) would run with the window's last weights instead of those of
+    the step it recomputes, so any use raises."""
+
+    owner = ""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        raise TrainingError(
+            f"problem '{cls.owner}': its module ran during the backward of an upper in reverse "
+            "mode, reading parameters whose values belong to another step of the unroll "
+            "window (activation checkpointing recomputing a segment?). Checkpoint with "
+            "betty.activation_checkpoint(fn, *args), or pass "
+            "context_fn=betty.recompute_context and use_reentrant=False to "
+            "torch.utils.checkpoint.checkpoint (Hugging Face: gradient_checkpointing_kwargs)"
+        )
+
+
+def slot_snapshot() -> list[tuple[FunctionalWindow, list[Tensor]]]:
+    """What the slots of every open slotted window hold now."""
+    return [(w, w.slot_contents()) for w in list(SLOTTED) if w.open]
+
+
+class Bound:
+    """Re-enterable context (a checkpoint may recompute once per backward): the slots hold
+    ``snapshot``'s tensors inside, what they held before after."""
+
+    def __init__(self, snapshot: list[tuple[FunctionalWindow, list[Tensor]]]) -> None:
+        self.snapshot = snapshot
+        self.before: list[list[tuple[FunctionalWindow, list[Tensor]]]] = []
+
+    def __enter__(self) -> None:
+        self.before.append([(w, w.slot_contents()) for w, _ in self.snapshot])
+        for window, tensors in self.snapshot:
+            window.swap_in(tensors)
+
+    def __exit__(self, *exc: object) -> None:
+        for window, tensors in self.before.pop():
+            window.swap_in(tensors)
+
+
+@contextmanager
+def unbound_windows() -> Iterator[None]:
+    """Every open slotted window's slots hold `Unbound` placeholders inside (an upper's
+    backward through the windows), their tensors after."""
+    with Bound([(w, w.placeholders()) for w, _ in slot_snapshot()]):
+        yield
 
 
 def detach_state(state: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,6 +127,7 @@ class FunctionalWindow:
         self.w: list[Tensor] | None = None
         self.state: list[dict[str, Any]] | None = None
         self.suspended = False  # cut by the end of Engine.run with its graph kept
+        self._placeholders: list[Tensor] | None = None
 
     @property
     def open(self) -> bool:
@@ -100,6 +159,19 @@ class FunctionalWindow:
             for module, name in slots:
                 module._parameters[name] = tensor  # type: ignore[assignment]  # noqa: SLF001
 
+    def slot_contents(self) -> list[Tensor]:
+        """The tensor each parameter's (first) slot holds now."""
+        return [slots[0][0]._parameters[slots[0][1]]  # noqa: SLF001 - as swap_in
+                for slots in self.slots]
+
+    def placeholders(self) -> list[Tensor]:
+        """`Unbound` tensors shaped as the parameters, on the meta device (no memory)."""
+        if self._placeholders is None:
+            cls = type("Unbound", (Unbound,), {"owner": self.owner})
+            self._placeholders = [torch.empty(p.shape, dtype=p.dtype, device="meta")
+                                  .as_subclass(cls) for p in self.real]
+        return self._placeholders
+
     def swap_buffers(self, tensors: Sequence[Tensor]) -> None:
         for slots, tensor in zip(self.buffer_slots, tensors):
             for module, name in slots:
@@ -123,6 +195,8 @@ class FunctionalUpdate:
         self.first_order_updates = first_order_updates
         self.differentiable = differentiable
         self.swap = swap  # IterativeProblem: the module's slots hold the window's tensors
+        if swap:
+            SLOTTED.add(window)
 
     def __call__(self, total: Grads, clip: Clip) -> bool:
         window = self.window
