@@ -350,3 +350,31 @@ def test_torch_optim_modes_match(cls, kw, mode):
     for p, ref in zip(params, ref_params):
         torch.testing.assert_close(p, ref, **tol)
     _assert_state_equal(state, ref_opt, ref_params, tol)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.1}),
+    (torch.optim.Adam, {"lr": 1e-3, "amsgrad": True}),
+    (torch.optim.RMSprop, {"lr": 1e-3, "centered": True}),
+    (torch.optim.Adagrad, {"lr": 1e-2})])
+def test_in_place_scaling_of_a_large_parameter_is_chunked_and_bit_identical(cls, kw):
+    """`scale_by_update_jacobian` forms P over at most DIAG_CHUNK elements at a time (its
+    temporaries stay small next to an embedding matrix): elementwise, so the same bits as
+    ``v * P`` formed whole."""
+    from betty.optim.reader import DIAG_CHUNK
+
+    gen = torch.Generator().manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(3 * DIAG_CHUNK + 17, generator=gen))
+    small = torch.nn.Parameter(torch.randn(5, 7, generator=gen))
+    opt = cls([big, small], **kw)
+    for _ in range(2):
+        for p in (big, small):
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    grads = [torch.randn(p.shape, generator=gen) for p in (big, small)]
+    vectors = [torch.randn(p.shape, generator=gen) for p in (big, small)]
+    whole = [v * d for v, d in zip(vectors, update_jacobian_diag(opt, [big, small], grads))]
+    functional_optimizer(opt).scale_by_update_jacobian(vectors, [big, small], grads)
+    assert whole[0].abs().sum() > 0
+    for a, b in zip(whole, vectors):
+        assert torch.equal(a, b)

@@ -247,8 +247,9 @@ class FunctionalOptimizer:
             grad = grads[index]
             if grad is None:
                 vectors[index].zero_()
-            else:
-                vectors[index].mul_(self.rule.diag(params[index], grad, state[index], group))
+                continue
+            for p, g, s, x in _chunks(params[index], grad, state[index], vectors[index]):
+                x.mul_(self.rule.diag(p, g, s, group))
 
     def write_back(self, state: Sequence[State]) -> None:
         """Store ``state`` (detached clones) into ``optimizer.state`` for torch.optim to go on.
@@ -264,6 +265,28 @@ class FunctionalOptimizer:
                 self.optimizer.state[own] = {k: _copy(v) for k, v in state[index].items()}
             else:
                 self.optimizer.state.pop(own, None)
+
+
+# elements of one parameter whose P is formed at a time: a rule's P takes several temporaries
+# the size of its input (Adam: about six), which for an embedding matrix would be several
+# parameter-sized tensors of the largest kind; P is elementwise, so chunks give the same bits
+DIAG_CHUNK = 1 << 18
+
+
+def _chunks(p: Tensor, g: Tensor, state: State, x: Tensor
+            ) -> Iterator[tuple[Tensor, Tensor, State, Tensor]]:
+    """``(p, g, state, x)`` as views over at most `DIAG_CHUNK` elements at a time (whole if
+    small or not all contiguous)."""
+    shaped = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
+    if p.numel() <= DIAG_CHUNK or not all(
+            t.is_contiguous() for t in (p, g, x, *(state[k] for k in shaped))):
+        yield p, g, state, x
+        return
+    flat = [t.view(-1) for t in (p, g, x)]
+    for start in range(0, p.numel(), DIAG_CHUNK):
+        part = slice(start, start + DIAG_CHUNK)
+        chunk = {**state, **{k: state[k].view(-1)[part] for k in shaped}}
+        yield flat[0][part], flat[1][part], chunk, flat[2][part]
 
 
 def _copy(value: object) -> object:
