@@ -93,7 +93,7 @@ class Config:
     warm_start: bool = False  # ours: cg/neumann start from the previous outer step's solution
     nystrom_rank: int = 5  # ours: Hessian columns of the Nystrom approximation
     nystrom_rho: float = 0.01  # ours: damping, Nystrom solves (H_k + rho I) x = v
-    nystrom_seed: int | None = None  # ours: fixed coordinates; None: from the torch RNG
+    nystrom_seed: int | None = None  # ours: fixed coordinates; None: a per-hop stream
     f2sa_lambda: float = 10.0  # ours, F2SA: the penalty at the first outer step
     f2sa_lambda_growth: float = 0.01  # ours, F2SA: added to the penalty every outer step
     f2sa_steps: int = 5  # ours, F2SA: steps of the penalized copy per outer step

@@ -299,8 +299,9 @@ def ridge_engine(train_iters: int) -> Engine:
 
 def test_resumed_run_draws_the_same_columns(tmp_path):
     """6 global steps straight through equal 3 steps, a checkpoint, and 3 more in a fresh
-    engine, bit for bit: the columns come from the torch random state, which the checkpoint
-    restores. Changing only nystrom_seed changes the result (the columns matter)."""
+    engine, bit for bit: the columns come from the hop's stream (seed and position in the
+    hop memory), which the checkpoint restores. Changing only nystrom_seed changes the
+    result (the columns matter)."""
     straight = ridge_engine(6)
     straight.run()
     first = ridge_engine(3)
@@ -317,3 +318,32 @@ def test_resumed_run_draws_the_same_columns(tmp_path):
     fixed.lower.config.nystrom_seed = 1
     fixed.run()
     assert not torch.equal(fixed.upper.module.weight, straight.upper.module.weight)
+
+
+def test_engine_hops_draw_from_their_own_stream(monkeypatch):
+    """In an engine, nystrom_seed=None seeds each hop's draws from a stream fixed at set-up
+    (a hash of the CPU random state then, read, and the hop's name) advanced once per hop, not
+    from the random state at the hop: draws made after set-up (loaders, dropout, which differ
+    between ranks) do not move it. tests/test_distributed.py checks 2 ranks = 1 process."""
+    import sys
+
+    from betty.hypergradient.hop import seed_from
+
+    module = sys.modules["betty.hypergradient.nystrom"]
+    real = module.sample_coordinates
+    runs = []
+    for extra_draws in (0, 1000):
+        seeds: list[int | None] = []
+        monkeypatch.setattr(module, "sample_coordinates",
+                            lambda n, k, seed, device=None, seen=seeds:
+                            seen.append(seed) or real(n, k, seed))
+        engine = ridge_engine(4)
+        torch.rand(extra_draws)
+        engine.run()
+        (key,) = engine.lower.training_state()["hop_memory"]
+        memory = engine.lower.hop_memory(key)
+        assert seeds == [seed_from(memory["seed"], i) for i in range(4)]
+        assert memory["nystrom_draws"] == 4
+        runs.append(seeds)
+    assert runs[0] == runs[1]  # (the loss's random drops differ: other hypergradients)
+    assert len({tuple(real(6, 2, s).tolist()) for s in runs[0]}) > 1  # columns change

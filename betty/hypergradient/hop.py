@@ -21,6 +21,7 @@ low-precision rounding would swamp it).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -29,6 +30,15 @@ import torch
 from torch import Tensor
 
 OptionalVector = list[Tensor | None]
+
+
+def seed_from(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (bytes as they are, anything else by its repr): the same
+    in every process that hashes the same parts."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode())
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 class OwnedVector(list):  # type: ignore[type-arg]

@@ -27,27 +27,28 @@ form: below 1e-6). Memory: the k columns, in float32 (float64 for float64 parame
 
 Which coordinates: a private `torch.Generator` draws them, so the user's random stream is never
 advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at every
-step); with ``nystrom_seed=None`` (default) it is seeded from a hash of the CPU random state
-(and the CUDA one of the parameters' device) as it stands when the hop runs, so the coordinates
-change from step to step as the user's stream moves (as the paper's fresh ``randperm``), and a
-run is reproducible from ``torch.manual_seed``. Several processes must draw the same
-coordinates: either every rank seeds torch alike, or set ``nystrom_seed``. Only a fixed
-``nystrom_seed`` makes several ranks draw what one process on the union batch draws (their
-random streams differ, e.g. by the data loaders' draws; tests/test_distributed.py).
+step). With ``nystrom_seed=None`` (default) the coordinates change from step to step (as the
+paper's fresh ``randperm``): each hop through an engine's problem has its own stream, seeded
+from a hash of the CPU random state when the problem was set up (read, not advanced) and the
+hop's name, and advanced once per hop; it is saved in checkpoints, so a run is reproducible
+from ``torch.manual_seed`` and resumes bitwise, and several ranks (seeded alike before the
+engine is built) draw what one process on the union batch draws. A bare `Hop` (no engine)
+seeds from a hash of the CPU random state (and the CUDA one of the parameters' device) as it
+stands when the hop runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from betty.configs import Config
-from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
+from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector, seed_from
 from betty.linalg import unit
 
+MEMORY_DRAWS = "nystrom_draws"  # hops taken so far: the position in the hop's random stream
 GRAM_BLOCKS = 64
 """C^T C and C^T v are accumulated in float64 over this many blocks of coordinates (at least
 4096 each), so the float64 temporary stays a small fraction of C."""
@@ -62,7 +63,7 @@ def sample_coordinates(n: int, rank: int, seed: int | None,
         state = torch.get_rng_state().numpy().tobytes()
         if device is not None and device.type == "cuda":
             state += torch.cuda.get_rng_state(device).numpy().tobytes()
-        seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
+        seed = seed_from(state)
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[: min(rank, n)]
 
@@ -118,7 +119,12 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     if isinstance(v, OwnedVector):
         v.clear()  # the chain's vector is no longer needed: free it before the k HVPs
     n = sum(t.numel() for t in direction)
-    coordinates = sample_coordinates(n, config.nystrom_rank, config.nystrom_seed,
+    seed, memory = config.nystrom_seed, getattr(hop, "memory", None)
+    if seed is None and memory is not None and "seed" in memory:
+        draws = memory.get(MEMORY_DRAWS, 0)
+        seed = seed_from(memory["seed"], draws)
+        memory[MEMORY_DRAWS] = draws + 1
+    coordinates = sample_coordinates(n, config.nystrom_rank, seed,
                                      direction[0].device).tolist()
     # columns in float32 (float64 if the parameters are): half precision would lose the solve
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in direction) else torch.float32

@@ -18,6 +18,7 @@ from betty.diagnostics import active_diagnostics
 from betty.distributed.strategy import strategy_of
 from betty.errors import ConfigError, ProblemDefinitionError
 from betty.guard import FiniteGuard
+from betty.hypergradient.hop import seed_from
 from betty.problems import setup
 from betty.problems.base import ProblemBase
 from betty.problems.data import BatchSource, move_to
@@ -70,6 +71,7 @@ class Problem(ProblemBase):
         self._last_grads: list[Tensor | None] | None = None  # sama's P reads them
         self._keeps_gradient = self._retain_graph = self._replaying = False
         self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
+        self._hop_base = 0
         self._guard: Any = None  # the engine's FiniteGuard (betty.guard)
 
     def bind_hooks(self) -> None:
@@ -106,6 +108,7 @@ class Problem(ProblemBase):
         """Resolve module/optimizer/scheduler/data (constructor or hooks), check them, and
         build this problem's step pipeline."""
         self._engine, self._device = engine, setup.placement(self, device)
+        self._hop_base = seed_from(torch.get_rng_state().numpy().tobytes())  # read, not drawn
         self.check_definition()
         setup.check_reverse_only_fields(self)
         self.module = setup.given(self.configure_module(), self.module)
@@ -160,7 +163,11 @@ class Problem(ProblemBase):
         """What hypergradient methods keep across outer steps for one hop through this
         problem (warm starts), by path and hop (``"upper > lower > upper #0"``); saved in
         checkpoints."""
-        return self._hop_memory.setdefault(key, {})
+        if key not in self._hop_memory:
+            # each hop's own random stream (Nyström's coordinates), fixed at set-up: the same
+            # on every rank and for any number of processes
+            self._hop_memory[key] = {"seed": seed_from(self._hop_base, key)}
+        return self._hop_memory[key]
 
     def window_parameters(self) -> list[Tensor] | None:
         """The functional parameters of a live unroll window (reverse mode); None here."""
