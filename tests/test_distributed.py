@@ -45,6 +45,7 @@ from betty.distributed import PeerFailure, Strategy, make_strategy
 from betty.distributed.group import pick_backend
 from betty.distributed.sampling import shard_loader
 from betty.errors import ConfigError
+from betty.hypergradient import score_function_loss
 from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 from betty.problems.data import BatchSource
 
@@ -56,7 +57,7 @@ HALF = 4  # where checkpoints are saved and resumed
 TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
-# reinforce: its hop (-M v) on this program's loss, which reaches the upper without samples
+# reinforce: the lower's sample weights are drawn (score_function_loss, leave-one-out)
 METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "f2sa", "reverse", "chain3"]
 
 pytestmark = [pytest.mark.slow,  # every test launches gloo process groups
@@ -93,8 +94,17 @@ def lower_loss(problem: Any, batch: Any, decay: Decay) -> torch.Tensor:
     rank's hop differs from the global one unless the ranks average where they must)."""
     x, y = batch
     model = problem.module
-    weights = 2 * torch.sigmoid(x @ decay.scale)
-    fit = (weights * torch.log(torch.cosh(model(x).squeeze(-1) - y))).mean()
+    if problem.config.type == "reinforce":
+        # the weights are drawn: 1 + s, s ~ Bernoulli(sigmoid(x . scale)), with uniforms fixed
+        # per example (the same on any rank); the leave-one-out baseline spans every rank
+        logits = x @ decay.scale
+        s = (torch.frac(x[:, 0].abs() * 997) < torch.sigmoid(logits).detach()).to(x.dtype)
+        log_prob = s * F.logsigmoid(logits) + (1 - s) * F.logsigmoid(-logits)
+        per_sample = (1 + s) * torch.log(torch.cosh(model(x).squeeze(-1) - y))
+        fit = score_function_loss(per_sample, log_prob)
+    else:
+        weights = 2 * torch.sigmoid(x @ decay.scale)
+        fit = (weights * torch.log(torch.cosh(model(x).squeeze(-1) - y))).mean()
     penalty = (decay.log_lam.exp() * model.weight.squeeze(0) ** 2).sum() + \
         decay.log_bias.exp() * (model.bias**2).sum()
     return fit + 0.5 * penalty

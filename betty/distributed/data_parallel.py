@@ -75,6 +75,14 @@ class _AllAverage(torch.autograd.Function):
         return _AllAverage.apply(grad, ctx.world_size), None
 
 
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """Differentiable mean over the ranks of the default process group (``tensor`` itself
+    on one process): the backward averages the output gradients the same way."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _AllAverage.apply(tensor, dist.get_world_size())
+
+
 class DataParallel(Strategy):
     """Data parallelism over a torchrun process group (``EngineConfig.strategy='distributed'``).
 

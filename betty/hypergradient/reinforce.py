@@ -20,9 +20,10 @@ exactly, with one backward through ``dL/dw`` (nothing to tune). The same loss al
 score estimate of M) and ``darts`` (``M v`` by a central difference: first-order only, its
 backward passes reach the log-probabilities and nothing else).
 
-Several processes: each rank's baseline is the leave-one-out mean of its own batch, so the
-averaged estimate is unbiased but not bit for bit the one of one process on the union batch
-(``baseline="none"`` is).
+Several processes: the baseline is the leave-one-out mean over the union of the ranks' batches
+(the scores are centred by their mean over all ranks, taken by a differentiable all-reduce
+whose backward carries the common part to every rank), so the ranks' averaged estimate is
+the one of one process on the union batch.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from betty.configs import Config
+from betty.distributed.data_parallel import mean_over_ranks
 from betty.errors import HypergradientError
 from betty.hypergradient.hop import Hop, OptionalVector
 
@@ -66,8 +69,15 @@ def score_function_loss(losses: Tensor, log_prob: Tensor, baseline: str = "leave
         if n < 2:
             raise ValueError("score_function_loss: the leave-one-out baseline needs at least "
                              "2 samples; pass baseline='none' for one")
-        centred = log_prob - log_prob.mean()
-        exponent = (centred - centred.detach()) * (n / (n - 1))
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ranks == 1:
+            centred = log_prob - log_prob.mean()
+            exponent = (centred - centred.detach()) * (n / (n - 1))
+        else:  # centred by the mean over every rank's samples: [sum, count] averaged
+            stats = mean_over_ranks(torch.stack([log_prob.sum(), log_prob.new_tensor(n)]))
+            union = stats[1].detach() * ranks  # on the device: no host read
+            centred = log_prob - stats[0] / stats[1].detach()
+            exponent = (centred - centred.detach()) * (union / (union - 1))
     else:
         exponent = log_prob - log_prob.detach()
     return (losses * torch.exp(exponent).to(losses.dtype)).mean()
