@@ -58,7 +58,8 @@ TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
 # reinforce: the lower's sample weights are drawn (score_function_loss, leave-one-out)
-METHODS = ["darts", "sama", "neumann", "cg", "nystrom", "reinforce", "f2sa", "reverse", "chain3"]
+METHODS = ["darts", "sama", "neumann", "cg", "cg-warm", "nystrom", "reinforce", "f2sa", "reverse",
+           "chain3"]
 
 pytestmark = [pytest.mark.slow,  # every test launches gloo process groups
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -148,12 +149,14 @@ def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
                 "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
                 "cg": {"cg_iterations": 3},
                 "nystrom": {"nystrom_rank": 3},  # default seed: one stream per hop
-                "f2sa": {"f2sa_steps": 3, "f2sa_lr": 0.2}}[method]
+                "f2sa": {"f2sa_steps": 3, "f2sa_lr": 0.2},
+                "cg-warm": {"cg_iterations": 1, "warm_start": True}}[method]
     model = torch.nn.Linear(DIM, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05) if method == "sama" else \
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kind = IterInner if reverse else Inner
-    inner = kind("inner", Config(type="darts" if reverse else method, unroll_steps=2,
+    inner = kind("inner", Config(type="darts" if reverse else method.split("-")[0],
+                                 unroll_steps=2,
                                  **settings), model, opt,
                  train_data_loader=loader(1, 48, batch), extra_config=extra)
     decay = Decay()
@@ -324,18 +327,26 @@ def _trained(strategy: str, method: str) -> dict[str, Any]:
 
 
 def local_sizes(engine: Engine) -> torch.Tensor:
-    """Elements this rank stores: of the parameters, and of the optimizers' state."""
+    """Elements this rank stores: of the parameters, of the optimizers' state, and of the hop
+    memories (warm starts)."""
     def numel(t: Any) -> int:
         return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
 
+    def memory_numel(value: Any) -> int:  # a hop memory entry: whole tensors or a shard
+        if hasattr(value, "local"):
+            return value.local.numel()
+        return sum(t.numel() for t in value) if isinstance(value, list) else 0
+
     params = sum(numel(p) for p in engine.problems for p in p.module.parameters())
+    memory = sum(memory_numel(v) for problem in engine.problems
+                 for m in problem.hop_memories().values() for v in m.values())
     state = 0
     for problem in engine.problems:
         optimizer = problem.optimizer
         local = getattr(optimizer, "optim", optimizer)  # ZeRO: this rank's optimizer
         state += sum(numel(v) for s in local.state.values() for k, v in s.items()
                      if isinstance(v, torch.Tensor) and k != "step")
-    return torch.tensor([params, state])
+    return torch.tensor([params, state, memory])
 
 
 def _save_half(strategy: str, method: str, folder: Path) -> dict[str, Any]:
@@ -506,8 +517,8 @@ def test_task_batched_maml_sharded_by_task_equals_one_process_on_all_tasks(
 def test_what_each_rank_stores(launched: Path, strategy: str) -> None:
     """'distributed' replicates parameters and optimizer state; 'zero' splits the state
     between the ranks; 'fsdp' splits both."""
-    full = result(launched, "distributed-darts")["local_sizes"]
-    sizes = [result(launched, f"{strategy}-darts", r)["local_sizes"] for r in range(WORLD)]
+    full = result(launched, "distributed-darts")["local_sizes"][:2]
+    sizes = [result(launched, f"{strategy}-darts", r)["local_sizes"][:2] for r in range(WORLD)]
     total = sizes[0] + sizes[1]
     if strategy == "distributed":
         assert torch.equal(sizes[0], full) and torch.equal(sizes[1], full)
@@ -516,6 +527,20 @@ def test_what_each_rank_stores(launched: Path, strategy: str) -> None:
         assert sizes[0][1] < full[1] and sizes[1][1] < full[1]
     if strategy == "fsdp":
         assert torch.equal(total, full) and (sizes[0] < full).all() and (sizes[1] < full).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_warm_start_memory_is_kept_like_the_parameters(launched: Path, strategy: str) -> None:
+    """cg with warm_start: the solution kept between outer steps (one vector the size of the
+    lower's parameters) is whole on every rank where the parameters are ('distributed',
+    'zero'), and split between the ranks under 'fsdp' (each rank half of it, rounded up)."""
+    full = result(launched, "distributed-cg-warm")["local_sizes"][2]
+    sizes = [result(launched, f"{strategy}-cg-warm", r)["local_sizes"][2] for r in range(WORLD)]
+    assert full == DIM + 1  # the inner Linear(DIM, 1): weight and bias
+    if strategy == "fsdp":
+        assert sizes == [-(-full // WORLD)] * WORLD
+    else:
+        assert sizes == [full] * WORLD
 
 
 def test_differentiable_average_backward_averages_the_upstream_gradients(launched: Path

@@ -30,6 +30,7 @@ from test_distributed import (
     HALF,
     ITERS,
     LOCAL_BATCH,
+    TOL,
     WORLD,
     Decay,
     Inner,
@@ -154,6 +155,16 @@ def _reverse(folder: Path) -> dict[str, Any]:
     return trained(engine)
 
 
+def _warm_start(folder: Path) -> dict[str, Any]:
+    """cg with warm_start under fsdp, checkpointed at step 4: the kept solution, sharded
+    between steps, is gathered into the folder's small state."""
+    engine = bilevel("cg-warm", "fsdp", LOCAL_BATCH, iters=HALF)
+    engine.run()
+    engine.save_checkpoint(folder / "cg-warm.dcp")
+    engine.config.train_iters = ITERS
+    return trained(engine)
+
+
 def _roll_back(folder: Path) -> dict[str, Any]:
     """roll_back under fsdp; a checkpoint inside a window (step 1) is refused, one at its end
     (step 2) is written."""
@@ -184,6 +195,7 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
         for method, precision in MIXED for strategy in ("fsdp", "distributed")] + [
         ("fsdp-sama", lambda: trained(bilevel("sama", "fsdp", LOCAL_BATCH))),
         ("fsdp-reverse", functools.partial(_reverse, folder)),
+        ("fsdp-cg-warm", functools.partial(_warm_start, folder)),
         ("fsdp-maml", lambda: maml_results(trained_engine(maml("fsdp")))),
         ("fsdp-roll-back", functools.partial(_roll_back, folder))]
 
@@ -363,6 +375,25 @@ def test_reverse_mode_under_fsdp_equals_one_process_on_union_batch(launched: Pat
     resumed.load_checkpoint(launched / "reverse.dcp")
     assert resumed.global_step == HALF
     assert_close(trained(resumed), reference("reverse"), "fsdp/reverse resumed by 1 process")
+
+
+def test_warm_start_under_fsdp_checkpoints_and_resumes_in_one_process(launched: Path) -> None:
+    """cg, one iteration per outer step, warm-started: 2 sharded ranks end where one process
+    on the union batch ends, and so does one process that resumes their step-4 folder (the
+    kept solution included: without it the resumed solve would start from zero)."""
+    want = reference("cg-warm")
+    assert_close(both_ranks(launched, "fsdp-cg-warm"), want, "fsdp cg warm start")
+    engine = bilevel("cg-warm", "default", WORLD * LOCAL_BATCH)
+    engine.load_checkpoint(launched / "cg-warm.dcp")
+    (memory,) = engine.inner.hop_memories().values()
+    assert [t.numel() for t in memory["cg"]] == [DIM, 1]  # whole again
+    engine.run()
+    assert_close(parameters(engine), want, "fsdp warm-start folder resumed by 1 process")
+    cold = bilevel("cg-warm", "default", WORLD * LOCAL_BATCH)
+    cold.load_checkpoint(launched / "cg-warm.dcp")
+    cold.inner.hop_memories().clear()
+    cold.run()
+    assert (parameters(cold)["outer"] - want["outer"]).abs().max() > 10 * TOL
 
 
 def test_task_batched_maml_under_fsdp_equals_one_process_on_all_tasks(launched: Path) -> None:

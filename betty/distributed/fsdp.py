@@ -43,6 +43,10 @@ roll_back: the window-start snapshot and its restore go through the module's sta
 which FSDP2 reshards for (the state is the shards); the module is gathered again right after.
 A checkpoint inside such a window is refused (the snapshot is each rank's shards).
 
+Warm starts and f2sa keep parameter-sized vectors per hop across outer steps; between global
+steps each rank keeps its shard of them, as of the parameters
+(`betty.distributed.sharded_memory`).
+
 Nothing else is refused. Launched as one process there is nothing to shard: the modules stay
 whole (checkpoints are still sharded folders).
 """
@@ -57,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
+from betty.distributed import sharded_memory
 from betty.distributed.data_parallel import DataParallel
 from betty.distributed.zero import retarget_scheduler
 from betty.errors import ConfigError
@@ -148,10 +153,12 @@ class FullyShard(DataParallel):
         for module in self._sharded:
             module.unshard()
         self._gathered = True
+        sharded_memory.gather(_hop_memories(engine))
         try:
             yield
         finally:
             self._gathered = False
+            sharded_memory.shard(_hop_memories(engine), self.rank, self.world_size)
             # a reverse-mode window's graph may hold gathered tensors across steps: FSDP2
             # frees their storage here and refills the same tensors at the next unshard
             # (version counters kept), as its own reshard-after-forward does for backward
@@ -207,7 +214,13 @@ class FullyShard(DataParallel):
         """Every rank writes its shards (`betty.distributed.sharded_checkpoint`)."""
         from betty.distributed import sharded_checkpoint
 
-        return sharded_checkpoint.save(engine, path)
+        # the hop memory is written whole with the small state: gather it for the save
+        if not sharded_memory.gather(_hop_memories(engine)):
+            return sharded_checkpoint.save(engine, path)
+        try:
+            return sharded_checkpoint.save(engine, path)
+        finally:
+            sharded_memory.shard(_hop_memories(engine), self.rank, self.world_size)
 
     def load_checkpoint(self, engine: Engine, path: str) -> None:
         """A sharded folder saved on any number of ranks, or a one-file checkpoint."""
@@ -229,6 +242,12 @@ def _unscale_gathered(scaler: torch.amp.GradScaler, module: torch.nn.Module) -> 
         unscale(gathered)  # type: ignore[arg-type]
 
     scaler.unscale_ = unscale_gathered  # type: ignore[method-assign]
+
+
+def _hop_memories(engine: Engine) -> list[dict[str, Any]]:
+    """Every hop memory of every problem, in the same order on every rank."""
+    return [memory for problem in engine.problems
+            for _, memory in sorted(problem.hop_memories().items())]
 
 
 def _fsdp_params(module: torch.nn.Module) -> list[Any]:

@@ -169,6 +169,10 @@ class Problem(ProblemBase):
             self._hop_memory[key] = {"seed": seed_from(self._hop_base, key)}
         return self._hop_memory[key]
 
+    def hop_memories(self) -> dict[str, dict[str, Any]]:
+        """Every `hop_memory` this problem holds, by key (strategies shard them)."""
+        return self._hop_memory
+
     def window_parameters(self) -> list[Tensor] | None:
         """The functional parameters of a live unroll window (reverse mode); None here."""
         return None
