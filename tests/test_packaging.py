@@ -48,7 +48,9 @@ def printed_accuracy(stdout: str) -> float:
 def dist(tmp_path_factory) -> Path:
     pytest.importorskip("build")
     out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--outdir", str(out), str(REPO)])
+    # --no-isolation: the build backend (setuptools, a test extra) comes from this
+    # environment; an isolated build would fetch it from the index twice (minutes on CI)
+    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)])
     return out
 
 
