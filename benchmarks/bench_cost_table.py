@@ -31,6 +31,8 @@ Measured in a fresh subprocess per cell (one torch thread):
 
     python benchmarks/bench_cost_table.py --quick                 # 3 steps per cell
     python benchmarks/bench_cost_table.py --programs mwn-wide --methods plain darts
+    python benchmarks/bench_cost_table.py --alternate --programs mwn-wide \
+        --methods hand-darts darts                  # time against the hand-written loop
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def build(p: Program, method: str, args: argparse.Namespace) -> Callable[[], Non
     up = upper_cls("upper", upper_config, upper, upper_opt, train_data_loader=[meta])
     strategy = "gpu" if args.device.startswith("cuda") else "cpu"
     engine = Engine([up, low], EngineConfig(train_iters=unroll, strategy=strategy,
-                                            progress_bar=False),
+                                            progress_bar=False, nonfinite=args.nonfinite),
                     {"u2l": {up: [low]}, "l2u": {low: [up]}})
 
     def outer_step() -> None:
@@ -217,7 +219,8 @@ def measure(name: str, method: str, mode: str, args: argparse.Namespace) -> dict
     command = [sys.executable, os.path.abspath(__file__), "--child", name, method, mode,
                "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed),
                "--threads", str(args.threads), "--unroll", str(args.unroll),
-               "--iterations", str(args.iterations), "--clock", args.clock]
+               "--iterations", str(args.iterations), "--clock", args.clock,
+               "--nonfinite", args.nonfinite]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"# {name} {method} {mode} failed: {done.stderr.strip().splitlines()[-1:]}",
@@ -234,6 +237,36 @@ def cells(name: str, methods: list[str], args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def alternate(args: argparse.Namespace) -> None:
+    """Time only: every method of ``--methods`` built in this one process per program, timed
+    in alternation (``--repeats`` rounds of ``--steps`` outer steps each, after one untimed
+    step of each), so that the machine's drift falls on all alike; medians, ratio to the
+    first method listed."""
+    clock = _clock(args)
+    print(f"device {args.device}, threads {args.threads}, {args.repeats} alternating rounds "
+          f"of {args.steps} outer steps, clock {args.clock}, nonfinite {args.nonfinite}")
+    print()
+    print(f"| program | method | ms / step (median) | ratio to {args.methods[0]} | spread |")
+    print("|---|---|---|---|---|")
+    for name in args.programs:
+        p = program(name)
+        steps = {method: build(p, method, args) for method in args.methods}
+        for step in steps.values():
+            step()
+        times: dict[str, list[float]] = {method: [] for method in args.methods}
+        for _ in range(args.repeats):
+            for method, step in steps.items():
+                start = clock()
+                for _ in range(args.steps):
+                    step()
+                times[method].append((clock() - start) / args.steps)
+        base = statistics.median(times[args.methods[0]])
+        for method, seen in times.items():
+            middle = statistics.median(seen)
+            print(f"| {name} | {method} | {middle * 1e3:.1f} | {middle / base:.3f} | "
+                  f"{min(seen) * 1e3:.0f}-{max(seen) * 1e3:.0f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
@@ -247,6 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", choices=("thread", "wall"), default="thread")
     parser.add_argument("--no-checkpoint-rows", action="store_true")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time only, the methods in alternation in one process")
+    parser.add_argument("--repeats", type=int, default=6, help="--alternate's rounds")
+    parser.add_argument("--nonfinite", choices=("raise", "skip", "off"), default="raise",
+                        help="EngineConfig.nonfinite of the library's runs (default: its "
+                        "default, the guard on)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -256,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         child(args)
+        return
+    if args.alternate:
+        alternate(args)
         return
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
     print(f"device {args.device}, threads {args.threads}, {args.steps} outer steps per cell, "

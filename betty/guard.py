@@ -32,14 +32,25 @@ class NonFiniteError(TrainingError):
     """A loss, gradient or hypergradient held NaN or inf (``EngineConfig.nonfinite``)."""
 
 
+# from this many elements a tensor's max |t| comes from aminmax, a vectorized reduction (about
+# 3 ms for 16M float32 on one CPU thread), not from the inf-norm kernel (about 48 ms there);
+# smaller tensors share one foreach inf-norm launch
+LARGE = 1 << 16
+
+
 def largest_magnitude(tensors: Sequence[Tensor | None]) -> Tensor | None:
     """``max |t|`` over all entries as a 0-d tensor on the device (NaN if any entry is NaN,
-    inf if any is inf; the max norm cannot overflow as a sum of squares can)."""
+    inf if any is inf; a max cannot overflow as a sum of squares can)."""
     present = [t.detach() for t in tensors if t is not None and t.numel()]
     if not present:
         return None
-    norms = torch._foreach_norm(present, float("inf"))
-    return norms[0] if len(norms) == 1 else torch.stack(norms).max()
+    small = [t for t in present if t.numel() < LARGE]
+    parts = list(torch._foreach_norm(small, float("inf"))) if small else []
+    for t in present:
+        if t.numel() >= LARGE:
+            low, high = torch.aminmax(t)
+            parts += [high, low.neg()]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).amax()
 
 
 class FiniteGuard:
@@ -48,8 +59,8 @@ class FiniteGuard:
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.active = policy != "off"
-        # pending checks: a 0-d value per loss, the max |entry| per gradient tensor (NaN or
-        # inf propagate into it); finiteness is decided for all of them at the one read
+        # pending checks: a 0-d value per loss, the max |entry| per gradient (NaN or inf
+        # propagate into it); finiteness is decided for all of them at the one read
         self.flags: list[Tensor] = []
         self._where: list[tuple[str, int, str]] = []  # (problem, local step, what)
         self.skipped: dict[str, int] = {}
@@ -64,11 +75,11 @@ class FiniteGuard:
         if not present:
             return
         if len(present) == 1 and present[0].dim() == 0:
-            values: list[Tensor] = present  # a loss: no kernel at all until the read
+            value = present[0]  # a loss: no kernel at all until the read
         else:
-            values = list(torch._foreach_norm(present, float("inf")))
-        self.flags.extend(values)
-        self._where.extend([(owner, step, what)] * len(values))
+            value = largest_magnitude(present)  # type: ignore[assignment]
+        self.flags.append(value)
+        self._where.append((owner, step, what))
 
     def allow_step(self, owner: str) -> bool:
         """Before ``owner``'s optimizer step: False if it must be skipped (policy "skip"
