@@ -179,3 +179,26 @@ def test_host_reads_per_global_step(method, policy, monkeypatch):
     assert len(counter.calls) <= allowed, counter.calls
     if policy == "raise":
         assert counter.calls.count("tolist") == steps  # exactly the guard's one read
+
+
+def test_largest_magnitude_of_small_and_large_tensors_is_exact_and_propagates_faults():
+    """Small tensors go through one inf-norm launch, large ones through min/max: the result
+    is max |entry| over all of them exactly, NaN if any entry is NaN, inf if any is inf."""
+    from betty.guard import LARGE, largest_magnitude
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(7, 5, generator=gen)
+    large = torch.randn(LARGE + 3, generator=gen)
+    for peak_in, value in ((small, -9.5), (large, -11.25), (large, 12.0)):
+        tensors = [small.clone(), large.clone()]
+        target = tensors[0] if peak_in is small else tensors[1]
+        target.view(-1)[3] = value
+        assert largest_magnitude(tensors).item() == abs(value)
+        assert largest_magnitude([tensors[1]]).item() == tensors[1].abs().max().item()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for index in (0, 1):
+            tensors = [small.clone(), large.clone()]
+            tensors[index].view(-1)[-1] = bad
+            got = largest_magnitude(tensors).item()
+            assert (got != got) if bad != bad else got == float("inf")
+    assert largest_magnitude([None, torch.empty(0)]) is None
