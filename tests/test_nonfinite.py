@@ -149,13 +149,15 @@ class Reverse(IterativeProblem):
         return (w - batch) ** 2 + w * self.outer.module.weight.sum()
 
 
-@pytest.mark.parametrize("method", ["darts", "sama", "neumann", "cg", "reverse"])
+@pytest.mark.parametrize("method", ["darts", "sama", "neumann", "cg", "nystrom", "f2sa",
+                                    "reinforce", "reverse"])
 @pytest.mark.parametrize("policy", ["off", "raise"])
 def test_host_reads_per_global_step(method, policy, monkeypatch):
     reverse = method == "reverse"
     inner = (Reverse if reverse else Scalar)(
         "inner", Config(type="darts" if reverse else method, unroll_steps=1,
-                        cg_iterations=3, neumann_iterations=3, neumann_alpha=0.3),
+                        cg_iterations=3, neumann_iterations=3, neumann_alpha=0.3,
+                        nystrom_rank=1, f2sa_steps=2),
         **({} if reverse else {"upper": "outer"}))
     if reverse:
         net = torch.nn.Linear(1, 1, bias=False).double()

@@ -39,6 +39,7 @@ stands when the hop runs.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -55,17 +56,17 @@ GRAM_BLOCKS = 64
 
 
 def sample_coordinates(n: int, rank: int, seed: int | None,
-                       device: torch.device | None = None) -> Tensor:
-    """The ``min(rank, n)`` distinct flat coordinates whose Hessian columns Nyström uses
-    (CPU int64); ``seed=None`` seeds from the CPU random state and, for parameters on a CUDA
-    ``device``, that device's (where dropout draws), both read, not advanced."""
+                       device: torch.device | None = None) -> list[int]:
+    """The ``min(rank, n)`` distinct flat coordinates whose Hessian columns Nyström uses;
+    ``seed=None`` seeds from the CPU random state and, for parameters on a CUDA ``device``,
+    that device's (where dropout draws), both read, not advanced. Drawn on the host by
+    Python's ``random`` (no tensor of ``n`` entries, nothing read back from a device)."""
     if seed is None:
         state = torch.get_rng_state().numpy().tobytes()
         if device is not None and device.type == "cuda":
             state += torch.cuda.get_rng_state(device).numpy().tobytes()
         seed = seed_from(state)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[: min(rank, n)]
+    return random.Random(seed).sample(range(n), min(rank, n))
 
 
 def _one_hot(like: Sequence[Tensor], index: int) -> list[Tensor]:
@@ -124,8 +125,7 @@ def nystrom(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
         draws = memory.get(MEMORY_DRAWS, 0)
         seed = seed_from(memory["seed"], draws)
         memory[MEMORY_DRAWS] = draws + 1
-    coordinates = sample_coordinates(n, config.nystrom_rank, seed,
-                                     direction[0].device).tolist()
+    coordinates = sample_coordinates(n, config.nystrom_rank, seed, direction[0].device)
     # columns in float32 (float64 if the parameters are): half precision would lose the solve
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in direction) else torch.float32
     rows = torch.empty(len(coordinates), n, dtype=dtype, device=direction[0].device)
