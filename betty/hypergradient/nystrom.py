@@ -25,16 +25,16 @@ in the columns' range (k >= n, say), subtracts two terms of size |v|/rho for a r
 size |v|/|H|, losing digits in proportion to 1/rho (float32, rho = 1e-4, k = n: 4e-3; this
 form: below 1e-6). Memory: the k columns, in float32 (float64 for float64 parameters).
 
-Which coordinates: a private `torch.Generator` draws them, so the user's random stream is never
-advanced. Seeded with ``nystrom_seed`` when that is an int (the same coordinates at every
-step). With ``nystrom_seed=None`` (default) the coordinates change from step to step (as the
-paper's fresh ``randperm``): each hop through an engine's problem has its own stream, seeded
-from a hash of the CPU random state when the problem was set up (read, not advanced) and the
-hop's name, and advanced once per hop; it is saved in checkpoints, so a run is reproducible
-from ``torch.manual_seed`` and resumes bitwise, and several ranks (seeded alike before the
-engine is built) draw what one process on the union batch draws. A bare `Hop` (no engine)
-seeds from a hash of the CPU random state (and the CUDA one of the parameters' device) as it
-stands when the hop runs.
+Which coordinates: a private `random.Random` draws them on the host, so the user's random
+stream is never advanced. Seeded with ``nystrom_seed`` when that is an int (the same
+coordinates at every step). With ``nystrom_seed=None`` (default) the coordinates change from
+step to step (as the paper's fresh ``randperm``): each hop through an engine's problem has
+its own stream, seeded from a hash of the CPU random state when the problem was set up
+(read, not advanced) and the hop's name, and advanced once per hop; it is saved in
+checkpoints, so a run is reproducible from ``torch.manual_seed`` and resumes bitwise, and
+several ranks (seeded alike before the engine is built) draw what one process on the union
+batch draws. A bare `Hop` (no engine) seeds from a hash of the CPU random state (and the
+CUDA one of the parameters' device) as it stands when the hop runs.
 """
 
 from __future__ import annotations
