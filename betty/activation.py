@@ -30,8 +30,9 @@ def recompute_context() -> tuple[contextlib.AbstractContextManager[None],
 
     Outside a reverse-mode window it changes nothing, so a module checkpointed this way
     gives the same result under every method. Hugging Face models take it as
-    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant":
-    False, "context_fn": betty.recompute_context})``.
+    ``model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant":
+    False, "context_fn": betty.recompute_context})`` (``gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=...)`` before transformers 5.2x).
     """
     return contextlib.nullcontext(), Bound(slot_snapshot())
 

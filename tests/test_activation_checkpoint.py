@@ -133,3 +133,68 @@ def test_recompute_context_is_exact_under_every_method(method, how):
 def test_plain_checkpoint_in_reverse_mode_is_refused_not_wrong():
     with pytest.raises(TrainingError, match="problem 'lower'.*betty.activation_checkpoint"):
         run("reverse", use_checkpoint=True)
+
+
+# -- a Hugging Face model's own gradient checkpointing -----------------------------------------
+def run_gpt2(checkpointing: dict | None) -> list[Tensor]:
+    """A 2-layer GPT-2 (float64, eager attention, no dropout) trained in reverse mode (unroll
+    2) on sequences weighted by softmax(lam); lam learns from a validation batch. With
+    ``checkpointing``: ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)``
+    (``gradient_checkpointing_enable`` in older transformers).
+    Returns the hypergradients lam received over two outer steps."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        attn_implementation="eager", vocab_size=11, n_positions=6, n_embd=8, n_layer=2,
+        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3,
+        use_cache=False)
+    model = transformers.GPT2LMHeadModel(config).to(DTYPE).train()
+    if checkpointing is not None:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    gen = torch.Generator().manual_seed(3)
+    train = [torch.randint(0, 11, (4, 6), generator=gen) for _ in range(2)]
+    val = [torch.randint(0, 11, (3, 6), generator=gen)]
+
+    def token_ce(net: nn.Module, x: Tensor) -> Tensor:
+        logits = net(input_ids=x[:, :-1]).logits
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+
+    class Sequences(IterativeProblem):
+        def training_step(self, batch):
+            return (torch.softmax(self.weights.module.logits, 0) * token_ce(self.module, batch)
+                    ).sum()
+
+    class Weights(ImplicitProblem):
+        def training_step(self, batch):
+            return token_ce(self.sequences.module, batch).mean()
+
+        def grad_callback(self, grads):
+            self.seen.append(grads[0].detach().clone())
+
+    logits = nn.Module()
+    logits.logits = nn.Parameter(torch.linspace(-0.5, 0.5, 4, dtype=DTYPE))
+    lower = Sequences("sequences", Config(unroll_steps=2), model,
+                      torch.optim.SGD(model.parameters(), lr=0.1), train_data_loader=train)
+    upper = Weights("weights", Config(first_order=False), logits,
+                    torch.optim.SGD(logits.parameters(), lr=0.1), train_data_loader=val)
+    upper.seen = []
+    Engine([upper, lower], EngineConfig(train_iters=4, progress_bar=False),
+           {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
+    return upper.seen
+
+
+def test_hugging_face_gradient_checkpointing_in_reverse_mode():
+    """``activation_checkpointing_kwargs={"use_reentrant": False, "context_fn":
+    betty.recompute_context}`` gives the hypergradients of the run without checkpointing
+    (1e-10); without the context_fn betty refuses it."""
+    plain = run_gpt2(None)
+    ckpt = run_gpt2({"use_reentrant": False, "context_fn": recompute_context})
+    assert len(plain) == len(ckpt) == 2
+    for a, b in zip(plain, ckpt):
+        assert a.abs().sum() > 0
+        assert (a - b).norm() <= 1e-10 * a.norm()
+    with pytest.raises(TrainingError, match="recompute_context"):
+        run_gpt2({"use_reentrant": False})

@@ -46,7 +46,7 @@ class Unbound(Tensor):
             "window (activation checkpointing recomputing a segment?). Checkpoint with "
             "betty.activation_checkpoint(fn, *args), or pass "
             "context_fn=betty.recompute_context and use_reentrant=False to "
-            "torch.utils.checkpoint.checkpoint (Hugging Face: gradient_checkpointing_kwargs)"
+            "torch.utils.checkpoint.checkpoint (Hugging Face: activation_checkpointing_kwargs)"
         )
 
 
