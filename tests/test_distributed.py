@@ -16,16 +16,16 @@ The two ranks are real processes launched as torchrun does (RANK, WORLD_SIZE, LO
 MASTER_ADDR=127.0.0.1, MASTER_PORT; gloo on the loopback interface); each launch has a
 deadline after which both are killed, so a hang fails the test instead of blocking CI. One
 launch runs every scenario; a second checks that an error on one rank ends both with its
-message. Run a worker by hand: ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
-MASTER_PORT=29500 python tests/test_distributed.py all <folder>``.
+message. The programs (`bilevel`, `chain3`, `maml`), the reference and the launcher are in
+`distributed_programs.py`, shared with `test_fsdp.py`. Run a worker by hand: ``RANK=0
+WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python
+tests/test_distributed.py all <folder>``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -35,26 +35,37 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from distributed_programs import (
+    DIM,
+    HALF,
+    ITERS,
+    LOCAL_BATCH,
+    TOL_F64,
+    WORLD,
+    Validating,
+    assert_close,
+    bilevel,
+    build,
+    fsdp_supported,
+    launch,
+    local_sizes,
+    logs,
+    maml,
+    maml_results,
+    parameters,
+    reference,
+    trained_engine,
+)
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from betty import Engine
-from betty.configs import Config, EngineConfig
+from betty.configs import EngineConfig
 from betty.distributed import PeerFailure, Strategy, make_strategy
 from betty.distributed.group import pick_backend
 from betty.distributed.sampling import shard_loader
 from betty.errors import ConfigError
-from betty.hypergradient import score_function_loss
-from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
 from betty.problems.data import BatchSource
 
-WORLD = 2
-LOCAL_BATCH = 4
-DIM = 4
-ITERS = 8  # global steps; the lowers unroll 2 steps, so the uppers step 4 times
-HALF = 4  # where checkpoints are saved and resumed
-TOL = 1e-5
 LAUNCH_DEADLINE_S = 150
 STRATEGIES = ["distributed", "zero", "fsdp"]
 # reinforce: the lower's sample weights are drawn (score_function_loss, leave-one-out)
@@ -66,238 +77,7 @@ pytestmark = [pytest.mark.slow,  # every test launches gloo process groups
                                  reason="torch.distributed with gloo is not available")]
 
 
-# -- the programs (shared by the workers and the single-process references) ------------------
-def dataset(seed: int, n: int) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, DIM, generator=gen)
-    y = x @ torch.randn(DIM, generator=gen) + 0.1 * torch.randn(n, generator=gen)
-    return TensorDataset(x, y)
-
-
-def loader(seed: int, n: int, batch: int) -> DataLoader:
-    return DataLoader(dataset(seed, n), batch_size=batch, shuffle=False)
-
-
-class Decay(torch.nn.Module):
-    """The upper's parameters: sample weights ``2 sigmoid(x . scale)``, a log weight decay
-    per feature and one for the bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.full((DIM,), 0.1))
-        self.log_lam = torch.nn.Parameter(torch.full((DIM,), -1.0))
-        self.log_bias = torch.nn.Parameter(torch.tensor([-1.0]))
-
-
-def lower_loss(problem: Any, batch: Any, decay: Decay) -> torch.Tensor:
-    """Reweighted log-cosh regression plus weight decay: not quadratic in the weights (so a
-    probe's radius matters) and with mixed derivatives that depend on the batch (so each
-    rank's hop differs from the global one unless the ranks average where they must)."""
-    x, y = batch
-    model = problem.module
-    if problem.config.type == "reinforce":
-        # the weights are drawn: 1 + s, s ~ Bernoulli(sigmoid(x . scale)), with uniforms fixed
-        # per example (the same on any rank); the leave-one-out baseline spans every rank
-        logits = x @ decay.scale
-        s = (torch.frac(x[:, 0].abs() * 997) < torch.sigmoid(logits).detach()).to(x.dtype)
-        log_prob = s * F.logsigmoid(logits) + (1 - s) * F.logsigmoid(-logits)
-        per_sample = (1 + s) * torch.log(torch.cosh(model(x).squeeze(-1) - y))
-        fit = score_function_loss(per_sample, log_prob)
-    else:
-        weights = 2 * torch.sigmoid(x @ decay.scale)
-        fit = (weights * torch.log(torch.cosh(model(x).squeeze(-1) - y))).mean()
-    penalty = (decay.log_lam.exp() * model.weight.squeeze(0) ** 2).sum() + \
-        decay.log_bias.exp() * (model.bias**2).sum()
-    return fit + 0.5 * penalty
-
-
-class Inner(ImplicitProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        fail = (self.cfg or {}).get("fail_on_rank")
-        if fail is not None and self.engine.strategy.rank == fail and self.count == 3:
-            raise ValueError(f"boom on rank {fail}")
-        return lower_loss(self, batch, self.outer.module)
-
-
-class IterInner(IterativeProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        return lower_loss(self, batch, self.outer.module)
-
-
-class Outer(ImplicitProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self.inner(x).squeeze(-1), y)
-
-
-class Validating(Engine):
-    """Validation that records where it ran and gets worse each time (early stopping)."""
-
-    ran: list[int]
-
-    def validation(self) -> dict[str, Any]:
-        self.ran.append(self.global_step)
-        return {"loss": float(self.global_step)}
-
-
-def bilevel(method: str, strategy: str, batch: int, *, iters: int = ITERS,
-            engine_type: type[Engine] = Engine, extra: dict[str, Any] | None = None,
-            **engine_kwargs: Any) -> Engine:
-    torch.manual_seed(0)
-    reverse = method == "reverse"
-    settings = {"darts": {}, "sama": {}, "reverse": {}, "reinforce": {},
-                "neumann": {"neumann_iterations": 3, "neumann_alpha": 0.2},
-                "cg": {"cg_iterations": 3},
-                "nystrom": {"nystrom_rank": 3},  # default seed: one stream per hop
-                "f2sa": {"f2sa_steps": 3, "f2sa_lr": 0.2},
-                "cg-warm": {"cg_iterations": 1, "warm_start": True}}[method]
-    model = torch.nn.Linear(DIM, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05) if method == "sama" else \
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    kind = IterInner if reverse else Inner
-    inner = kind("inner", Config(type="darts" if reverse else method.split("-")[0],
-                                 unroll_steps=2,
-                                 **settings), model, opt,
-                 train_data_loader=loader(1, 48, batch), extra_config=extra)
-    decay = Decay()
-    outer_opt = torch.optim.Adam(decay.parameters(), lr=0.05)
-    outer = Outer("outer", Config(first_order=not reverse), decay, outer_opt,
-                  torch.optim.lr_scheduler.StepLR(outer_opt, step_size=2, gamma=0.5),
-                  train_data_loader=loader(2, 24, batch))
-    config = EngineConfig(train_iters=iters, strategy=strategy, distributed_timeout=60,
-                          progress_bar=False, **engine_kwargs)
-    return engine_type([outer, inner], config, {"u2l": {outer: [inner]},
-                                                "l2u": {inner: [outer]}})
-
-
-class Bottom(ImplicitProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        return lower_loss(self, batch, self.top.module)
-
-
-class Middle(ImplicitProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        x, _ = batch
-        return F.mse_loss(self.module(x), self.bottom(x)) + 0.05 * (self.module.weight**2).sum()
-
-
-class Top(ImplicitProblem):
-    def training_step(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self.middle(x).squeeze(-1), y)
-
-
-def chain3(strategy: str, batch: int) -> Engine:
-    """Top's parameters enter Bottom's loss only: Top's one path hops through Middle
-    (darts), then through Bottom (cg), so the vector between the hops must be global."""
-    torch.manual_seed(0)
-    bottom_model, middle_model, decay = torch.nn.Linear(DIM, 1), torch.nn.Linear(DIM, 1), Decay()
-    bottom = Bottom("bottom", Config(type="cg", cg_iterations=2), bottom_model,
-                    torch.optim.SGD(bottom_model.parameters(), lr=0.1),
-                    train_data_loader=loader(3, 48, batch))
-    middle = Middle("middle", Config(type="darts"), middle_model,
-                    torch.optim.SGD(middle_model.parameters(), lr=0.1),
-                    train_data_loader=loader(4, 32, batch))
-    top = Top("top", Config(), decay, torch.optim.Adam(decay.parameters(), lr=0.05),
-              train_data_loader=loader(5, 24, batch))
-    config = EngineConfig(train_iters=ITERS, strategy=strategy, distributed_timeout=60,
-                          progress_bar=False)
-    return Engine([top, middle, bottom], config,
-                  {"u2l": {top: [bottom]}, "l2u": {bottom: [middle], middle: [top]}})
-
-
-# MAML: T tasks per meta-step, each rank adapting its own T/W of them (strided, as
-# DistributedSampler would shard a loader of tasks)
-TASKS, SHOTS, INNER_STEPS, META_STEPS = 4, 5, 2, 3
-TOL_F64 = 1e-10
-
-
-def maml_tasks(meta_step: int) -> tuple[torch.Tensor, ...]:
-    """Meta-step ``meta_step``'s T sinusoid tasks, the same on every rank: support and query
-    sets ``(x_s, y_s, x_q, y_q)``, each ``[T, SHOTS, 1]`` in float64."""
-    gen = torch.Generator().manual_seed(100 + meta_step)
-    x = torch.rand(TASKS, 2 * SHOTS, 1, generator=gen, dtype=torch.float64) * 4 - 2
-    amp, phase = (torch.rand(2, TASKS, 1, 1, generator=gen, dtype=torch.float64) * 2 + 0.5)
-    y = amp * torch.sin(x + phase)
-    return x[:, :SHOTS], y[:, :SHOTS], x[:, SHOTS:], y[:, SHOTS:]
-
-
-class TaskInner(TaskBatchedProblem):
-    def initial_parameters(self) -> torch.nn.Module:
-        return self.meta.module
-
-    def on_inner_loop_start(self) -> None:
-        strategy = self.engine.strategy
-        everything = maml_tasks(self.windows)
-        self.windows += 1
-        self.tasks = tuple(t[strategy.rank::strategy.world_size] for t in everything)
-
-    def get_batch(self) -> Any:
-        return self.tasks[0], self.tasks[1]
-
-    def training_step(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self.module(x), y)
-
-
-class TaskMeta(ImplicitProblem):
-    def get_batch(self) -> Any:
-        return self.inner.tasks[2], self.inner.tasks[3]
-
-    def training_step(self, batch: Any) -> torch.Tensor:
-        x, y = batch  # [T/W, SHOTS, 1]: the mean over this rank's tasks
-        return F.mse_loss(self.inner(x), y)
-
-
-def maml(strategy: str) -> Engine:
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
-                              torch.nn.Linear(8, 1)).double()
-    template = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
-                                   torch.nn.Linear(8, 1)).double()
-    meta = TaskMeta("meta", Config(first_order=False), net,
-                    torch.optim.Adam(net.parameters(), lr=0.02))
-    inner = TaskInner("inner", Config(unroll_steps=INNER_STEPS), template,
-                      torch.optim.SGD(template.parameters(), lr=0.1, momentum=0.9))
-    inner.windows = 0
-    config = EngineConfig(train_iters=INNER_STEPS * META_STEPS, strategy=strategy,
-                          distributed_timeout=60, progress_bar=False)
-    return Engine([meta, inner], config, {"u2l": {meta: [inner]}, "l2u": {inner: [meta]}})
-
-
-def maml_results(engine: Engine) -> dict[str, torch.Tensor]:
-    """The meta-parameters, and the last window's adapted parameters of this rank's tasks
-    (one row per task)."""
-    inner = next(p for p in engine.problems if p.name == "inner")
-    adapted = [a.detach().reshape(a.shape[0], -1) for a in inner.adapted_parameters().values()]
-    return {"meta": parameters(engine)["meta"], "adapted": torch.cat(adapted, 1)}
-
-
-def build(method: str, strategy: str, batch: int, **kwargs: Any) -> Engine:
-    return chain3(strategy, batch) if method == "chain3" else \
-        bilevel(method, strategy, batch, **kwargs)
-
-
-def parameters(engine: Engine) -> dict[str, torch.Tensor]:
-    """Every problem's parameters, flattened, as full tensors."""
-    out = {}
-    for problem in engine.problems:
-        assert problem.module is not None
-        tensors = [p.full_tensor() if hasattr(p, "full_tensor") else p
-                   for p in problem.module.parameters()]
-        out[problem.name] = torch.cat([t.detach().reshape(-1) for t in tensors])
-    return out
-
-
 # -- the worker: one rank of a launch --------------------------------------------------------
-def fsdp_supported() -> tuple[bool, str]:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError as err:
-        return False, f"this PyTorch has no FSDP2 fully_shard ({err})"
-    return True, ""
-
-
 def scenarios(folder: Path) -> list[tuple[str, Any]]:
     """(name, function returning the results to save) for every run of the main launch."""
     runs: list[tuple[str, Any]] = []
@@ -307,7 +87,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
         for method in METHODS:
             runs.append((f"{strategy}-{method}", functools.partial(_trained, strategy, method)))
     for strategy in ("distributed", "zero"):
-        runs.append((f"{strategy}-maml", lambda s=strategy: maml_results(_run(maml(s)))))
+        runs.append((f"{strategy}-maml",
+                     lambda s=strategy: maml_results(trained_engine(maml(s)))))
     for strategy, method in (("distributed", "darts"), ("zero", "sama")):
         runs.append((f"save-{strategy}", functools.partial(_save_half, strategy, method, folder)))
         runs.append((f"resume-{strategy}", functools.partial(_resume, strategy, method, folder)))
@@ -316,37 +97,9 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
     return runs
 
 
-def _run(engine: Engine) -> Engine:
-    engine.run()
-    return engine
-
-
 def _trained(strategy: str, method: str) -> dict[str, Any]:
-    engine = _run(build(method, strategy, LOCAL_BATCH))
+    engine = trained_engine(build(method, strategy, LOCAL_BATCH))
     return {**parameters(engine), "local_sizes": local_sizes(engine)}
-
-
-def local_sizes(engine: Engine) -> torch.Tensor:
-    """Elements this rank stores: of the parameters, of the optimizers' state, and of the hop
-    memories (warm starts)."""
-    def numel(t: Any) -> int:
-        return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
-
-    def memory_numel(value: Any) -> int:  # a hop memory entry: whole tensors or a shard
-        if hasattr(value, "local"):
-            return value.local.numel()
-        return sum(t.numel() for t in value) if isinstance(value, list) else 0
-
-    params = sum(numel(p) for p in engine.problems for p in p.module.parameters())
-    memory = sum(memory_numel(v) for problem in engine.problems
-                 for m in problem.hop_memories().values() for v in m.values())
-    state = 0
-    for problem in engine.problems:
-        optimizer = problem.optimizer
-        local = getattr(optimizer, "optim", optimizer)  # ZeRO: this rank's optimizer
-        state += sum(numel(v) for s in local.state.values() for k, v in s.items()
-                     if isinstance(v, torch.Tensor) and k != "step")
-    return torch.tensor([params, state, memory])
 
 
 def _save_half(strategy: str, method: str, folder: Path) -> dict[str, Any]:
@@ -401,49 +154,7 @@ def worker(job: str, folder: Path) -> int:
     return 0
 
 
-# -- launching -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch(job: str, folder: Path, deadline_s: float = LAUNCH_DEADLINE_S) -> list[int]:
-    """Start WORLD ranks of ``job`` as torchrun would; kill both at the deadline."""
-    port = free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONFAULTHANDLER": "1"}
-        log = open(folder / f"{job}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, __file__, job, str(folder)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    end = time.monotonic() + deadline_s
-    codes = []
-    try:
-        for proc, _ in procs:
-            codes.append(proc.wait(timeout=max(end - time.monotonic(), 1)))
-    except subprocess.TimeoutExpired:
-        logs = "\n".join((folder / f"{job}.rank{r}.log").read_text()[-3000:]
-                         for r in range(WORLD))
-        pytest.fail(f"launch {job!r} did not finish within {deadline_s} s:\n{logs}")
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    return codes
-
-
-def _logs(folder: Path, job: str) -> str:
-    return "\n".join(f"--- rank {r}\n" + (folder / f"{job}.rank{r}.log").read_text()[-4000:]
-                     for r in range(WORLD))
-
-
+# -- the launch and its results --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("distributed")
@@ -451,8 +162,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
         engine = bilevel(method, "default", WORLD * LOCAL_BATCH, iters=HALF)
         engine.run()
         engine.save_checkpoint(folder / f"single-{method}-step{HALF}.pt")
-    codes = launch("all", folder)
-    assert codes == [0] * WORLD, _logs(folder, "all")
+    codes = launch(__file__, "all", folder, LAUNCH_DEADLINE_S)
+    assert codes == [0] * WORLD, logs(folder, "all")
     return folder
 
 
@@ -461,18 +172,6 @@ def result(folder: Path, name: str, rank: int = 0) -> Any:
     if not path.exists():
         pytest.skip(f"{name} did not run: {fsdp_supported()[1]}")
     return torch.load(path, weights_only=True)
-
-
-@functools.cache
-def reference(method: str) -> dict[str, torch.Tensor]:
-    """One process on the union batch."""
-    return parameters(_run(build(method, "default", WORLD * LOCAL_BATCH)))
-
-
-def assert_close(got: dict[str, Any], want: dict[str, torch.Tensor], what: str) -> None:
-    for name, value in want.items():
-        err = (got[name] - value).abs().max().item()
-        assert err <= TOL, f"{what}: problem '{name}' differs from the reference by {err:.2e}"
 
 
 # -- exactness -------------------------------------------------------------------------------
@@ -500,7 +199,7 @@ def test_task_batched_maml_sharded_by_task_equals_one_process_on_all_tasks(
     ranks' meta-parameters must equal the reference's (the meta-gradient IS averaged, to
     the mean over all T tasks), in float64 to 1e-10."""
     ranks = [result(launched, f"{strategy}-maml", r) for r in range(WORLD)]
-    want = maml_results(_run(maml("default")))
+    want = maml_results(trained_engine(maml("default")))
     start = parameters(maml("default"))["meta"]
     assert (want["meta"] - start).abs().max() > 1e-3, "the meta-parameters did not train"
     assert torch.equal(ranks[0]["meta"], ranks[1]["meta"]), "ranks disagree on theta"
@@ -592,9 +291,9 @@ def test_error_on_one_rank_ends_every_rank_with_its_message(tmp_path: Path, fail
     collective; both must exit (well before the 60 s collective timeout) with the message.
     Rank 0 hosts the store the message travels through, so both directions are checked."""
     started = time.monotonic()
-    codes = launch(f"fail-{failing}", tmp_path, deadline_s=60)
+    codes = launch(__file__, f"fail-{failing}", tmp_path, deadline_s=60)
     assert time.monotonic() - started < 45, "the ranks waited for the collective timeout"
-    assert codes == [1, 1], _logs(tmp_path, f"fail-{failing}")
+    assert codes == [1, 1], logs(tmp_path, f"fail-{failing}")
     errors = [(tmp_path / f"error.rank{r}.txt").read_text() for r in range(WORLD)]
     assert errors[failing] == f"ValueError: boom on rank {failing}"
     other = errors[1 - failing]

@@ -3,9 +3,10 @@ and reverse mode, each on 2 gloo processes against 1 process on the union batch.
 
 The programs, the reference (one process on the union of the ranks' batches, which a
 non-shuffling `DistributedSampler` splits strided) and the exactness argument are those of
-`test_distributed.py`; this file adds the scenarios that strategy used to refuse. One launch
-of 2 ranks runs every scenario; the single-process checkpoint it resumes from is written by
-the test process first, and the sharded checkpoint it writes is resumed here by one process.
+`test_distributed.py` (shared through `distributed_programs.py`); this file adds the scenarios
+that strategy used to refuse. One launch of 2 ranks runs every scenario; the single-process
+checkpoint it resumes from is written by the test process first, and the sharded checkpoint
+it writes is resumed here by one process.
 
 Run a worker by hand: ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
 MASTER_PORT=29500 python tests/test_fsdp.py all <folder>``.
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,30 +24,29 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import (
+from distributed_programs import (
     DIM,
     HALF,
     ITERS,
     LOCAL_BATCH,
     TOL,
     WORLD,
-    Decay,
-    Inner,
-    Outer,
     assert_close,
     bilevel,
-    free_port,
     fsdp_supported,
-    loader,
+    launch,
+    logs,
     maml,
     maml_results,
+    mixed,
     parameters,
     reference,
+    trained,
+    trained_engine,
 )
 
 from betty import Engine, checkpoint
 from betty.checkpoint import CheckpointError
-from betty.configs import Config, EngineConfig
 
 LAUNCH_DEADLINE_S = 240
 
@@ -62,33 +60,6 @@ pytestmark = [pytest.mark.slow,  # launches gloo process groups
 # unscaling), bf16 through cg (Hessian-vector products under autocast)
 MIXED = [("darts", "fp16"), ("cg", "bf16")]
 ROUNDING = {"fp16": 2.0**-10, "bf16": 2.0**-7}  # unit roundoff (measured: 1.4e-4, 1.4e-3)
-
-
-def mixed(method: str, precision: str, strategy: str, batch: int) -> Engine:
-    """`bilevel`'s program with both problems under ``precision``; the upper's optimizer is
-    AdamW with weight decay (FSDP rebuilds it over the shards from its param groups)."""
-    torch.manual_seed(0)
-    model, decay = torch.nn.Linear(DIM, 1), Decay()
-    settings = {"cg_iterations": 3} if method == "cg" else {}
-    inner = Inner("inner", Config(type=method, unroll_steps=2, precision=precision,
-                                  **settings),
-                  model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                  train_data_loader=loader(1, 48, batch))
-    outer_opt = torch.optim.AdamW(decay.parameters(), lr=0.05, weight_decay=0.1)
-    outer = Outer("outer", Config(precision=precision), decay, outer_opt,
-                  train_data_loader=loader(2, 24, batch))
-    config = EngineConfig(train_iters=ITERS, strategy=strategy, distributed_timeout=60,
-                          progress_bar=False)
-    return Engine([outer, inner], config, {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
-
-
-def trained_engine(engine: Engine) -> Engine:
-    engine.run()
-    return engine
-
-
-def trained(engine: Engine) -> dict[str, Any]:
-    return parameters(trained_engine(engine))
 
 
 # -- the worker: one rank of the launch ------------------------------------------------------
@@ -211,40 +182,6 @@ def worker(job: str, folder: Path) -> int:
     return 0
 
 
-# -- launching -------------------------------------------------------------------------------
-def launch(job: str, folder: Path, world: int = WORLD) -> list[int]:
-    """Start ``world`` ranks as torchrun would (gloo on the loopback); kill them at the
-    deadline."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONFAULTHANDLER": "1"}
-        log = open(folder / f"{job}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, __file__, job, str(folder)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    end = time.monotonic() + LAUNCH_DEADLINE_S
-    try:
-        return [proc.wait(timeout=max(end - time.monotonic(), 1)) for proc, _ in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"launch {job!r} did not finish within {LAUNCH_DEADLINE_S} s:\n"
-                    + logs(folder, job))
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-
-
-def logs(folder: Path, job: str, world: int = WORLD) -> str:
-    return "\n".join(f"--- rank {r}\n" + (folder / f"{job}.rank{r}.log").read_text()[-4000:]
-                     for r in range(world))
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("fsdp")
@@ -254,8 +191,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     litter = folder / "ckpt" / f".step_00000002.dcp.{'0' * 32}.tmp"  # a killed save's
     litter.mkdir(parents=True)
     (litter / "__0_0.distcp").write_bytes(b"partial")
-    assert launch("one", folder, world=1) == [0], logs(folder, "one", world=1)
-    codes = launch("all", folder)
+    assert launch(__file__, "one", folder, LAUNCH_DEADLINE_S, world=1) == [0], \
+        logs(folder, "one", world=1)
+    codes = launch(__file__, "all", folder, LAUNCH_DEADLINE_S)
     assert codes == [0] * WORLD, logs(folder, "all")
     return folder
 
