@@ -1,6 +1,6 @@
-"""Shared by the reverse-mode test files (test_iterative.py, test_task_batched.py): small
-float64 bilevel programs and their hand-written references, in plain torch with no betty code
-in the references (docs/math.md#reverse-mode):
+"""Shared by the reverse-mode test files (test_iterative.py, test_iterative_training.py,
+test_task_batched.py): small float64 bilevel programs and their hand-written references, in
+plain torch with no betty code in the references (docs/math.md#reverse-mode):
 
 * the same K updates written by hand (SGD with momentum, Adam with bias correction) with
   ``torch.autograd.grad(create_graph=True)``, and a truncated variant that differentiates
