@@ -183,11 +183,13 @@ class LibraryVariant(Variant):
 
     def first_meta_gradient(self) -> list[Tensor]:
         seen: list[list[Tensor]] = []
-        # an instance attribute is called like the hook; it sees .grad (micro-batches summed)
+        # an instance attribute is called like the hook; the hook sees each micro-batch's
+        # gradient before accumulation, so the meta-gradient is the sum of the last ones
         self.meta.grad_callback = lambda grads: seen.append([g.clone() for g in grads])
         self.meta_steps(1)
         del self.meta.grad_callback
-        return seen[-1]
+        micro = self.meta.config.gradient_accumulation
+        return [torch.stack(parts).sum(0) for parts in zip(*seen[-micro:])]
 
 
 class TBInner(TaskBatchedProblem):
