@@ -162,6 +162,17 @@ def test_load_checkpoint_in_process_then_run_continues_to_train_iters(tmp_path):
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as a terminal delivers it (Python's KeyboardInterrupt handler): a process
+    started in the background by a shell (``nohup ... &``, some CI runners) inherits SIGINT
+    ignored, and betty leaves an ignored signal alone, so Ctrl-C could not reach it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("terminal_sigint")
 def test_ctrl_c_saves_a_loadable_checkpoint_at_the_end_of_the_step(tmp_path):
     engine = build(checkpoint_dir=str(tmp_path), interrupt_at=(5, 1))
     with pytest.raises(KeyboardInterrupt):
@@ -174,6 +185,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint_at_the_end_of_the_step(tmp_path):
     assert_same(final_state(resumed), reference("implicit", "plain"))
 
 
+@pytest.mark.usefixtures("terminal_sigint")
 def test_ctrl_c_mid_reverse_window_saves_when_the_window_ends(tmp_path):
     engine = build("iterative", "reverse", checkpoint_dir=str(tmp_path), interrupt_at=(5, 1))
     with pytest.raises(KeyboardInterrupt):
@@ -199,6 +211,7 @@ def test_sigterm_saves_and_exits_cleanly_and_the_resumed_run_is_bitwise_equal(tm
     assert_same(final_state(resumed), reference("implicit", "plain"))
 
 
+@pytest.mark.usefixtures("terminal_sigint")
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     engine = build(checkpoint_dir=str(tmp_path), checkpoint_step=2, interrupt_at=(5, 2))
     with pytest.raises(KeyboardInterrupt):
