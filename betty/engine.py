@@ -261,6 +261,12 @@ class Engine:
         if progress.active:
             progress.update()
 
+    def close(self) -> None:
+        """Let the data loaders' worker processes go now (a long-lived process: a notebook,
+        a sweep). A later `run` continues where this one stopped, batches included."""
+        for problem in self.problems:
+            problem.close()
+
     # -- checkpoints (betty.checkpoint) --------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> str:
         """Atomically write everything needed to continue exactly as if never stopped;

@@ -52,7 +52,9 @@ def _one_thread():
 def run(monkeypatch, tmp_path):
     """``run(program, *argv, iters=N, valid=M)``: the program's globals after it ran.
     ``fresh_logging=True``: the ``betty`` logger as in a fresh interpreter (no handler, no
-    level, pytest's capture cut off), to see what an unchanged program prints."""
+    level, pytest's capture cut off), to see what an unchanged program prints. Engines the
+    program left in its globals are closed afterwards (their loaders' worker processes)."""
+    ran: list[dict[str, Any]] = []
 
     def go(program: str, *argv: str, iters: int, valid: int | None = None,
            seed: int = 0, fresh_logging: bool = False) -> dict[str, Any]:
@@ -87,13 +89,18 @@ def run(monkeypatch, tmp_path):
         np.random.seed(seed)
         torch.manual_seed(seed)
         try:
-            return runpy.run_path(str(path), run_name="__main__")
+            ran.append(runpy.run_path(str(path), run_name="__main__"))
+            return ran[-1]
         finally:  # the programs' own modules (model, data, utils) differ per program
             for name in set(sys.modules) - before:
                 if str(HERE) in str(getattr(sys.modules[name], "__file__", "") or ""):
                     del sys.modules[name]
 
-    return go
+    yield go
+    for program_globals in ran:
+        for value in program_globals.values():
+            if isinstance(value, betty.Engine):
+                value.close()
 
 
 def flat(module: torch.nn.Module) -> torch.Tensor:

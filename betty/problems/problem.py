@@ -169,6 +169,11 @@ class Problem(ProblemBase):
             self._hop_memory[key] = {"seed": seed_from(self._hop_base, key)}
         return self._hop_memory[key]
 
+    def close(self) -> None:
+        """Let the data loaders' worker processes go (`Engine.close`)."""
+        if self._source is not None:
+            self._source.close()
+
     def hop_memories(self) -> dict[str, dict[str, Any]]:
         """Every `hop_memory` this problem holds, by key (strategies shard them)."""
         return self._hop_memory
