@@ -9,16 +9,13 @@ parameters must equal one process's on the union of the two ranks' batches (a Da
 twice the batch size and no shuffling: rank r reads samples r, r+2, ...) to 1e-5, with the
 optimizer's hyperparameters (per-group learning rates included) kept. Run a worker by hand:
 ``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
-python tests/test_zero_optimizers.py <folder>``.
+python tests/test_zero_optimizers.py all <folder>``.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed_programs import launch, logs
 from torch.utils.data import DataLoader, TensorDataset
 
 from betty import Engine
@@ -104,38 +102,11 @@ def worker(folder: Path) -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("zero")
-    port, procs = free_port(), []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        log = open(folder / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, __file__, str(folder)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    end, codes = time.monotonic() + DEADLINE_S, []
-    try:
-        for proc, _ in procs:
-            codes.append(proc.wait(timeout=max(end - time.monotonic(), 1)))
-    except subprocess.TimeoutExpired:
-        codes = ["timeout"]
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    logs = "\n".join((folder / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-    assert codes == [0] * WORLD, logs
+    codes = launch(__file__, "all", folder, DEADLINE_S, world=WORLD)
+    assert codes == [0] * WORLD, logs(folder, "all", WORLD)
     return folder
 
 
@@ -155,5 +126,5 @@ def test_zero_equals_one_process_on_union_batch(launched: Path, name: str) -> No
     assert (want["inner"] - initial).abs().min().item() > 1e-4  # every parameter trained
 
 
-if __name__ == "__main__":
-    sys.exit(worker(Path(sys.argv[1])))
+if __name__ == "__main__":  # a launched rank: ``test_zero_optimizers.py <job> <folder>``
+    sys.exit(worker(Path(sys.argv[2])))
