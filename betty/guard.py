@@ -17,6 +17,7 @@ global step, all together, at its end (before validation and any checkpoint):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +70,10 @@ class FiniteGuard:
                 tensors: Sequence[Tensor | None]) -> None:
         """Record whether ``tensors`` are all finite (no host read)."""
         if not self.active:
+            return
+        if len(tensors) == 1 and tensors[0] is not None and tensors[0].dim() == 0:
+            self.flags.append(tensors[0].detach())  # a loss: no kernel at all until the read
+            self._where.append((owner, step, what))
             return
         present = [t.detach() if t.requires_grad else t for t in tensors
                    if t is not None and t.numel()]
@@ -124,8 +129,12 @@ class FiniteGuard:
 
 
 def _finite(values: list[Tensor]) -> list[bool]:
-    """Which 0-d ``values`` are finite: one stack, one kernel, one host read (float64 when
-    the dtypes differ, which keeps every finite value finite)."""
+    """Which 0-d ``values`` are finite, with one host read: their sum (float64 when the
+    dtypes differ) is finite exactly when every value is, unless the sum itself overflows;
+    only then, or on a failure, is each value read."""
     dtypes = {v.dtype for v in values}
     same = values if len(dtypes) == 1 else [v.double() for v in values]
-    return torch.isfinite(torch.stack(same)).tolist()
+    stacked = torch.stack(same) if len(same) > 1 else same[0].reshape(1)
+    if math.isfinite(stacked.sum().item()):
+        return [True] * len(values)
+    return torch.isfinite(stacked).tolist()

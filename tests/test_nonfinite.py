@@ -180,7 +180,7 @@ def test_host_reads_per_global_step(method, policy, monkeypatch):
     allowed = 0 if policy == "off" else steps
     assert len(counter.calls) <= allowed, counter.calls
     if policy == "raise":
-        assert counter.calls.count("tolist") == steps  # exactly the guard's one read
+        assert counter.calls.count("item") == steps  # exactly the guard's one read
 
 
 def test_largest_magnitude_of_small_and_large_tensors_is_exact_and_propagates_faults():
@@ -204,3 +204,16 @@ def test_largest_magnitude_of_small_and_large_tensors_is_exact_and_propagates_fa
             got = largest_magnitude(tensors).item()
             assert (got != got) if bad != bad else got == float("inf")
     assert largest_magnitude([None, torch.empty(0)]) is None
+
+
+def test_the_one_read_tells_an_overflowing_sum_from_a_non_finite_value():
+    """The guard reads the sum of its flags once; finite flags whose sum overflows float32
+    are still finite, and a NaN or inf is found at its own index."""
+    from betty.guard import _finite
+
+    big = torch.tensor(3e38)
+    assert _finite([big, big, torch.tensor(1.0)]) == [True, True, True]
+    assert _finite([torch.tensor(1.0), torch.tensor(float("nan")), big]) == [True, False, True]
+    assert _finite([torch.tensor(-float("inf"))]) == [False]
+    mixed = [torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(float("inf"))]
+    assert _finite(mixed) == [True, False]
