@@ -5,9 +5,12 @@ its activations, reading the module's parameters as they are *then*. With the im
 methods that is the same tensor as at the forward. In reverse mode it is not: an
 `IterativeProblem` puts a new tensor ``w_t`` into its module's slots at every step of the
 unroll window, and the upper's backward recomputes every step's segments after the window
-has moved on (`docs/reverse_mode.md#activation-checkpointing`). `recompute_context` records
-what the slots of every open window hold when the segment runs forward and puts it back
-around the recomputation, so the recomputed activations are those of the step they belong to.
+has moved on (`docs/reverse_mode.md#activation-checkpointing`). Inside ``training_step`` betty
+records, with every tensor a forward saves, what the windows' slots held, and a checkpoint's
+saved inputs put it back right before the recomputation (`betty.problems.window
+.RecordedBindings`): a plain ``torch.utils.checkpoint`` is exact there. `recompute_context`
+does the same for a checkpoint whose forward runs anywhere else; `activation_checkpoint` is
+the non-reentrant checkpoint with it.
 """
 
 from __future__ import annotations

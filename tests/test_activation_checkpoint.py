@@ -10,9 +10,10 @@ receives over three outer steps agrees to 1e-10, and so do the classifier's fina
 
 Reverse mode (an IterativeProblem lower) puts a new tensor into the module's slots at every
 step, and the upper's backward recomputes every step's segment after the window moved on:
-`betty.activation_checkpoint` (or ``context_fn=betty.recompute_context``) recomputes with the
-weights of the step the segment belongs to and agrees to 1e-10 too; plain
-``torch.utils.checkpoint`` would read other weights, and is refused with a clear error.
+every tensor a forward saves carries the slots' contents, and the checkpoint's saved inputs
+put them back right before it recomputes, so plain ``torch.utils.checkpoint`` agrees to 1e-10
+as well, and so do `betty.activation_checkpoint` and ``context_fn=betty.recompute_context``.
+A read of the slots during the upper's backward that nothing recorded is refused.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def assert_same(plain, ckpt) -> None:
         assert (a - b).abs().max() <= 1e-10 * (1 + a.abs().max())
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "reverse"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_checkpointed_module_gives_the_same_hypergradient(method):
     assert_same(run(method, use_checkpoint=False), run(method, use_checkpoint=True))
 
@@ -130,9 +131,28 @@ def test_recompute_context_is_exact_under_every_method(method, how):
     assert_same(run(method, use_checkpoint=False), run(method, use_checkpoint=how))
 
 
-def test_plain_checkpoint_in_reverse_mode_is_refused_not_wrong():
-    with pytest.raises(TrainingError, match="problem 'lower'.*betty.activation_checkpoint"):
-        run("reverse", use_checkpoint=True)
+def test_a_slot_read_during_the_upper_backward_that_nothing_recorded_is_refused():
+    """While an upper back-propagates through an open window, the window's slots hold
+    placeholders: a module run then without a recorded binding raises (instead of silently
+    using the window's last weights)."""
+    from betty.problems.window import unbound_windows
+
+    torch.manual_seed(0)
+    clf = Classifier(use_checkpoint=False).to(DTYPE)
+    wnet = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid()).to(DTYPE)
+    x = torch.randn(4, 4, dtype=DTYPE)
+    train = [(x, torch.zeros(4, dtype=torch.long))]
+    lower = UnrolledLower("lower", Config(unroll_steps=2), clf,
+                          torch.optim.SGD(clf.parameters(), lr=0.1), train_data_loader=train)
+    upper = Reweight("reweight", Config(first_order=False), wnet,
+                     torch.optim.SGD(wnet.parameters(), lr=0.1), train_data_loader=train)
+    engine = Engine([upper, lower], EngineConfig(train_iters=1, progress_bar=False),
+                    {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    engine.run()  # one step into a 2-step window: it is open
+    assert clf(x).shape == (4, 3)
+    with unbound_windows(), pytest.raises(TrainingError, match="problem 'lower'.*recompute"):
+        clf(x)
+    assert clf(x).shape == (4, 3)  # the window's weights are back
 
 
 # -- a Hugging Face model's own gradient checkpointing -----------------------------------------
@@ -186,15 +206,15 @@ def run_gpt2(checkpointing: dict | None) -> list[Tensor]:
     return upper.seen
 
 
-def test_hugging_face_gradient_checkpointing_in_reverse_mode():
-    """``activation_checkpointing_kwargs={"use_reentrant": False, "context_fn":
-    betty.recompute_context}`` gives the hypergradients of the run without checkpointing
-    (1e-10); without the context_fn betty refuses it."""
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": False},
+                                    {"use_reentrant": False, "context_fn": recompute_context}],
+                         ids=["plain", "recompute_context"])
+def test_hugging_face_gradient_checkpointing_in_reverse_mode(kwargs):
+    """transformers' own checkpointing of every block gives the hypergradients of the run
+    without checkpointing (1e-10)."""
     plain = run_gpt2(None)
-    ckpt = run_gpt2({"use_reentrant": False, "context_fn": recompute_context})
+    ckpt = run_gpt2(kwargs)
     assert len(plain) == len(ckpt) == 2
     for a, b in zip(plain, ckpt):
         assert a.abs().sum() > 0
         assert (a - b).norm() <= 1e-10 * a.norm()
-    with pytest.raises(TrainingError, match="recompute_context"):
-        run_gpt2({"use_reentrant": False})

@@ -28,6 +28,7 @@ from betty.problems.pipeline import Clip, InPlaceUpdate, LocalStep
 from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
 from betty.problems.update_jacobian import reads_gradient, update_jacobian
+from betty.problems.window import recording_bindings
 
 if TYPE_CHECKING:
     from betty.engine import Engine
@@ -197,10 +198,12 @@ class Problem(ProblemBase):
         """``training_step(batch)`` under this problem's autocast, checked: the scalar loss
         and the dict to log."""
         assert self._precision is not None
-        if self._precision.dtype is None:  # fp32: no autocast context on the hot path
-            return checked_loss(self._name, self.training_step(batch), self.clock.count)
-        with self._precision.autocast():
-            out = self.training_step(batch)
+        with recording_bindings():  # reverse mode: what a checkpoint's recomputation reads
+            if self._precision.dtype is None:  # fp32: no autocast context on the hot path
+                out = self.training_step(batch)
+            else:
+                with self._precision.autocast():
+                    out = self.training_step(batch)
         return checked_loss(self._name, out, self.clock.count)
 
     def observe_loss(self) -> None:

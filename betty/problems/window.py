@@ -11,6 +11,7 @@ task dimension ``T`` and never enter the module's slots outside its vmapped forw
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,9 +32,9 @@ SLOTTED: weakref.WeakSet[FunctionalWindow] = weakref.WeakSet()
 
 class Unbound(Tensor):
     """What a window's parameter slots hold while an upper back-propagates through it: a
-    recomputation that reads them (activation checkpointing without
-    `betty.recompute_context`) would run with the window's last weights instead of those of
-    the step it recomputes, so any use raises."""
+    recomputation that reads them without a recorded binding (`RecordedBindings`, `Bound`)
+    would run with the window's last weights instead of those of the step it recomputes, so
+    any use raises."""
 
     owner = ""
 
@@ -42,17 +43,52 @@ class Unbound(Tensor):
                            ) -> Any:
         raise TrainingError(
             f"problem '{cls.owner}': its module ran during the backward of an upper in reverse "
-            "mode, reading parameters whose values belong to another step of the unroll "
-            "window (activation checkpointing recomputing a segment?). Checkpoint with "
-            "betty.activation_checkpoint(fn, *args), or pass "
-            "context_fn=betty.recompute_context and use_reentrant=False to "
-            "torch.utils.checkpoint.checkpoint (Hugging Face: activation_checkpointing_kwargs)"
+            "mode, and nothing recorded which step of the unroll window that forward belongs "
+            "to (a forward outside training_step, recomputed by activation checkpointing?). "
+            "Run the module inside training_step, or pass context_fn=betty.recompute_context "
+            "(and use_reentrant=False) to torch.utils.checkpoint.checkpoint"
         )
 
 
 def slot_snapshot() -> list[tuple[FunctionalWindow, list[Tensor]]]:
     """What the slots of every open slotted window hold now."""
     return [(w, w.slot_contents()) for w in list(SLOTTED) if w.open]
+
+
+# the snapshot the slots hold through `_rebind`; None once anything else swaps them
+_REBOUND: list[Any] = [None]
+_NOTHING = contextlib.nullcontext()
+
+
+def _rebind(snapshot: list[tuple[FunctionalWindow, list[Tensor]]]) -> None:
+    if _REBOUND[0] is not snapshot:
+        for window, tensors in snapshot:
+            window.swap_in(tensors)
+        _REBOUND[0] = snapshot
+
+
+class RecordedBindings(torch.autograd.graph.saved_tensors_hooks):
+    """Around a forward beside open slotted windows: each tensor it saves for backward
+    carries what the windows' slots held, and unpacking it puts that back (once per change).
+    A non-reentrant ``torch.utils.checkpoint`` saves its segment's inputs this way before it
+    takes the segment's own saved tensors over, and unpacks them right before recomputing the
+    segment, so the recomputation reads the weights of the step it belongs to."""
+
+    def __init__(self, snapshot: list[tuple[FunctionalWindow, list[Tensor]]]) -> None:
+        def pack(tensor: Tensor) -> tuple[Tensor, Any]:
+            return tensor, snapshot
+
+        def unpack(packed: tuple[Tensor, Any]) -> Tensor:
+            _rebind(packed[1])
+            return packed[0]
+
+        super().__init__(pack, unpack)
+
+
+def recording_bindings() -> contextlib.AbstractContextManager[Any]:
+    """`RecordedBindings` of the open slotted windows, or nothing when there are none."""
+    snapshot = slot_snapshot() if SLOTTED else None
+    return RecordedBindings(snapshot) if snapshot else _NOTHING
 
 
 class Bound:
@@ -155,6 +191,7 @@ class FunctionalWindow:
     def swap_in(self, tensors: Sequence[Tensor]) -> None:
         """Put ``tensors`` into the module's parameter slots (bypassing Parameter checks:
         inside a window the slots hold plain tensors in the autograd graph)."""
+        _REBOUND[0] = None
         for slots, tensor in zip(self.slots, tensors):
             for module, name in slots:
                 module._parameters[name] = tensor  # type: ignore[assignment]  # noqa: SLF001
