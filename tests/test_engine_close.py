@@ -82,3 +82,22 @@ def test_close_frees_the_workers_and_run_continues_bit_for_bit(stop):
                         getattr(straight, name).module.parameters()):
             assert torch.equal(p, q), name
     closed.close()
+
+
+def test_a_checkpoint_saved_after_close_resumes_bit_for_bit(tmp_path):
+    """close() mid-epoch, then save: the checkpoint still records the loader as started at
+    its position, so a fresh engine resumes the same batches."""
+    straight = engine(workers=0)
+    run_to(straight, 12)
+    closed = engine(workers=2)
+    run_to(closed, 5)
+    closed.close()
+    path = closed.save_checkpoint(tmp_path / "closed.pt")
+    resumed = engine(workers=2)
+    resumed.load_checkpoint(path)
+    run_to(resumed, 12)
+    resumed.close()
+    assert torch.equal(torch.cat(resumed.lower.seen),
+                       torch.cat(straight.lower.seen[len(closed.lower.seen):]))
+    for p, q in zip(resumed.lower.module.parameters(), straight.lower.module.parameters()):
+        assert torch.equal(p, q)
