@@ -218,3 +218,34 @@ def test_hugging_face_gradient_checkpointing_in_reverse_mode(kwargs):
     for a, b in zip(plain, ckpt):
         assert a.abs().sum() > 0
         assert (a - b).norm() <= 1e-10 * a.norm()
+
+
+def test_recorded_bindings_cost_no_tensor_memory(monkeypatch):
+    """Peak live tensor bytes (every allocation and free of the CPU allocator) of a
+    reverse-mode run are within 5% with the binding hooks and without them: what they keep per
+    saved tensor shares its storage and holds no graph alive (an op's saved output kept with
+    its grad_fn did: a reference cycle freed only by the collector, +19% here, +29% on the
+    17M-parameter MWN of the cost table)."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import betty.problems.problem as problem_module
+
+    def peak() -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run("reverse", use_checkpoint=False)
+        events = sorted((e for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        live = top = 0
+        for event in events:
+            live += event.nbytes()
+            top = max(top, live)
+        return top
+
+    peak()  # first-run allocations
+    with_hooks = peak()
+    monkeypatch.setattr(problem_module, "recording_bindings", contextlib.nullcontext)
+    without = peak()
+    # measured: +1% (a few hundred bytes of small tensors); +19% with the cycle
+    assert with_hooks <= 1.05 * without

@@ -76,7 +76,9 @@ class RecordedBindings(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, snapshot: list[tuple[FunctionalWindow, list[Tensor]]]) -> None:
         def pack(tensor: Tensor) -> tuple[Tensor, Any]:
-            return tensor, snapshot
+            # detached, as torch's own recomputation hook does: an op's saved output held
+            # with its grad_fn would tie the graph in a reference cycle (freed only by gc)
+            return tensor.detach(), snapshot
 
         def unpack(packed: tuple[Tensor, Any]) -> Tensor:
             _rebind(packed[1])
