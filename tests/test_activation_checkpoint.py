@@ -244,8 +244,11 @@ def test_recorded_bindings_cost_no_tensor_memory(monkeypatch):
         return top
 
     peak()  # first-run allocations
-    with_hooks = peak()
-    monkeypatch.setattr(problem_module, "recording_bindings", contextlib.nullcontext)
-    without = peak()
-    # measured: +1% (a few hundred bytes of small tensors); +19% with the cycle
-    assert with_hooks <= 1.05 * without
+    real, seen = problem_module.recording_bindings, {"hooks": [], "none": []}
+    for _ in range(3):  # alternating: the peak of this small run moves by ~15% between runs
+        for mode in seen:
+            hooks = real if mode == "hooks" else contextlib.nullcontext
+            monkeypatch.setattr(problem_module, "recording_bindings", hooks)
+            seen[mode].append(peak())
+    # measured: +1% (a few hundred bytes); +19% with the cycle
+    assert min(seen["hooks"]) <= 1.05 * min(seen["none"])
