@@ -19,20 +19,18 @@ from dataclasses import dataclass, field
 import pytest
 import references as ref
 import torch
-from hypergradient_checks import DTYPE, EXACT, FINITE_DIFFERENCE, Vector, flat, rel_err
+from hypergradient_checks import DTYPE, EXACT, FINITE_DIFFERENCE, rel_err
+from three_level import DIM, Level  # the same levels: shapes, seeds, float64
 from torch import Tensor, nn
 
 from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.hypergradient import Hop, register
-from betty.problems import ImplicitProblem
 
 F2SA = 1e-6  # f2sa: O(1/lambda) at lambda = 1e6 (measured 2e-3 at lambda = 10)
 
 
 # -- multilevel programs of quadratics through Engine ----------------------------------------
-SHAPES = [(3,), (2, 2)]  # every level: a vector and a matrix, 7 parameters
-DIM = sum(torch.Size(s).numel() for s in SHAPES)
 
 
 def quadratic_loss(owner: str, inputs: list[str], seed: int, *, own: bool = True) -> ref.Loss:
@@ -64,26 +62,6 @@ def quadratic_loss(owner: str, inputs: list[str], seed: int, *, own: bool = True
         return out
 
     return loss
-
-
-class Level(ImplicitProblem):
-    """A level whose loss is ``level_loss`` of its own and its inputs' flat parameters."""
-
-    def __init__(self, name: str, config: Config, loss: ref.Loss, inputs: list[str],
-                 seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        module = Vector(*(torch.randn(s, generator=gen, dtype=DTYPE) for s in SHAPES))
-        super().__init__(name, config, module, torch.optim.SGD(module.parameters(), lr=0.0),
-                         train_data_loader=[torch.zeros(1, dtype=DTYPE)])
-        self.level_loss, self.level_inputs, self.seen = loss, inputs, []
-
-    def training_step(self, batch):
-        values = {self.name: self.module.flat()}
-        values.update({n: getattr(self, n).module.flat() for n in self.level_inputs})
-        return self.level_loss(values)
-
-    def grad_callback(self, grads):
-        self.seen.append(flat(grads, self.trainable_parameters()))
 
 
 @dataclass
