@@ -7,7 +7,7 @@ methods that is the same tensor as at the forward. In reverse mode it is not: an
 unroll window, and the upper's backward recomputes every step's segments after the window
 has moved on (`docs/reverse_mode.md#activation-checkpointing`). Inside ``training_step`` betty
 records, with every tensor a forward saves, what the windows' slots held, and a checkpoint's
-saved inputs put it back right before the recomputation (`betty.problems.window
+saved inputs put it back right before the recomputation (`betty.problems.bindings
 .RecordedBindings`): a plain ``torch.utils.checkpoint`` is exact there. `recompute_context`
 does the same for a checkpoint whose forward runs anywhere else; `activation_checkpoint` is
 the non-reentrant checkpoint with it.
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.utils.checkpoint
 
-from betty.problems.window import Bound, slot_snapshot
+from betty.problems.bindings import Bound, slot_snapshot
 
 __all__ = ["activation_checkpoint", "recompute_context"]
 

@@ -135,7 +135,7 @@ def test_a_slot_read_during_the_upper_backward_that_nothing_recorded_is_refused(
     """While an upper back-propagates through an open window, the window's slots hold
     placeholders: a module run then without a recorded binding raises (instead of silently
     using the window's last weights)."""
-    from betty.problems.window import unbound_windows
+    from betty.problems.bindings import unbound_windows
 
     torch.manual_seed(0)
     clf = Classifier(use_checkpoint=False).to(DTYPE)

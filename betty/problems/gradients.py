@@ -18,7 +18,7 @@ from torch import Tensor
 
 from betty.errors import HypergradientError, TrainingError
 from betty.hypergradient.chain import path_hypergradient
-from betty.problems.window import unbound_windows
+from betty.problems.bindings import unbound_windows
 
 Grads = list[Tensor | None]
 

@@ -21,6 +21,7 @@ from betty.guard import FiniteGuard
 from betty.hypergradient.hop import seed_from
 from betty.problems import setup
 from betty.problems.base import ProblemBase
+from betty.problems.bindings import recording_bindings
 from betty.problems.data import BatchSource, move_to
 from betty.problems.gradients import PathGradients, checked_loss
 from betty.problems.hooks import BoundHooks, ProblemHooks, bind_hooks
@@ -28,7 +29,6 @@ from betty.problems.pipeline import Clip, InPlaceUpdate, LocalStep
 from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
 from betty.problems.update_jacobian import reads_gradient, update_jacobian
-from betty.problems.window import recording_bindings
 
 if TYPE_CHECKING:
     from betty.engine import Engine
