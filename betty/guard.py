@@ -75,14 +75,9 @@ class FiniteGuard:
             self.flags.append(tensors[0].detach())  # a loss: no kernel at all until the read
             self._where.append((owner, step, what))
             return
-        present = [t.detach() if t.requires_grad else t for t in tensors
-                   if t is not None and t.numel()]
-        if not present:
+        value = largest_magnitude(tensors)
+        if value is None:
             return
-        if len(present) == 1 and present[0].dim() == 0:
-            value = present[0]  # a loss: no kernel at all until the read
-        else:
-            value = largest_magnitude(present)  # type: ignore[assignment]
         self.flags.append(value)
         self._where.append((owner, step, what))
 

@@ -215,12 +215,12 @@ class FullyShard(DataParallel):
         from betty.distributed import sharded_checkpoint
 
         # the hop memory is written whole with the small state: gather it for the save
-        if not sharded_memory.gather(_hop_memories(engine)):
-            return sharded_checkpoint.save(engine, path)
+        gathered = sharded_memory.gather(_hop_memories(engine))
         try:
             return sharded_checkpoint.save(engine, path)
         finally:
-            sharded_memory.shard(_hop_memories(engine), self.rank, self.world_size)
+            if gathered:
+                sharded_memory.shard(_hop_memories(engine), self.rank, self.world_size)
 
     def load_checkpoint(self, engine: Engine, path: str) -> None:
         """A sharded folder saved on any number of ranks, or a one-file checkpoint."""

@@ -82,7 +82,7 @@ class PathGradients:
                 guard.observe(owner.name, owner.count, "gradient", direct)
             return direct
         # reverse mode: the backward runs through the lowers' windows, whose module slots
-        # must not be read meanwhile (betty.activation)
+        # must not be read meanwhile (betty.problems.bindings)
         with unbound_windows() if reverse else nullcontext():
             direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph,
                                                    retain_graph)
