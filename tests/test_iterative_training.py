@@ -90,7 +90,9 @@ def test_buffers_and_optimizer_state_match_plain_torch(reverse):
         bn_loss(module, hyper.lam.detach(), data[0]).backward()
         o.step()
     for p, q in zip(net.parameters(), plain.parameters()):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+        # the states agree to ~1e-16 but one more Adam step divides by sqrt(v): ~2e-14 apart
+        # on some CPUs (their vector kernels round differently); a wrong state moves ~1e-3
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
 
 
 # -- 2. graph hygiene: each window's graph is cut when the next one starts ---------------------
