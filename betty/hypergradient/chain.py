@@ -33,7 +33,8 @@ def _materialize(v: OptionalVector, like: Sequence[Tensor]) -> OwnedVector | Non
 
 
 def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *, memory_key: str = "",
-                report: Callable[[str, Tensor], None] | None = None) -> OptionalVector:
+                report: Callable[[str, Tensor], None] | None = None,
+                prescaled: bool = False) -> OptionalVector:
     """Contribution of ``v`` (w.r.t. ``lower``'s parameters) to ``upper``'s parameters;
     the method reports its diagnostics to ``report`` (None: diagnostics off)."""
     from betty.problems.precision import full_precision  # lazy: betty.problems imports us
@@ -47,6 +48,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *, memory_k
               average=None if strategy.world_size == 1 else strategy.all_average)
     hop.update_jacobian = lower.update_jacobian
     hop.scale_by_update_jacobian = lambda vectors: lower.update_jacobian(into=vectors)
+    hop.prescaled = prescaled
     # warm starts: kept by the lower per path and hop (two paths through one hop solve for
     # different vectors), checkpointed with it
     hop.memory = lower.hop_memory(memory_key or upper.name)
@@ -55,7 +57,7 @@ def hop_through(lower: Problem, upper: Problem, v: Sequence[Tensor], *, memory_k
         return method(hop, v, lower.config)
 
 
-def _head_is_exclusive(path: Sequence[Problem]) -> bool:
+def head_is_exclusive(path: Sequence[Problem]) -> bool:
     """Whether the head vector's tensors belong to this path alone, so that the first hop
     may reuse their storage (`OwnedVector`): not when another path of the owner starts at
     the same lower (the same gradient tensors), nor when that lower shares parameters with
@@ -67,13 +69,15 @@ def _head_is_exclusive(path: Sequence[Problem]) -> bool:
     return not any(id(p) in own for p in head.parameter_list())
 
 
-def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tensor] | None:
+def path_hypergradient(path: Sequence[Problem], v: OptionalVector, *, prescaled: bool = False
+                       ) -> list[Tensor] | None:
     """Product of the hops along ``path`` applied to ``v`` (w.r.t. ``path[1]``'s
-    parameters); ``None`` when the path carries nothing (an unused link)."""
+    parameters); ``None`` when the path carries nothing (an unused link). ``prescaled``: ``v``
+    is multiplied by ``path[1]``'s update Jacobian already (`Hop.prescaled`)."""
     owner = path[0]
     diagnostics = active_diagnostics(owner.engine)
     vec = _materialize(v, path[1].parameter_list())
-    if vec is not None and not _head_is_exclusive(path):
+    if vec is not None and not head_is_exclusive(path):
         vec = list(vec)  # its tensors are shared: the first hop must not write into them
     if isinstance(v, list):
         v.clear()  # the caller's head vector is consumed: the hops may free it early
@@ -83,7 +87,8 @@ def path_hypergradient(path: Sequence[Problem], v: OptionalVector) -> list[Tenso
             return None
         report = None if diagnostics is None else diagnostics.reporter(owner.name, lower.name)
         key = f"{' > '.join(p.name for p in path)} #{i}"
-        vec = _materialize(hop_through(lower, upper, vec, report=report, memory_key=key),
+        vec = _materialize(hop_through(lower, upper, vec, report=report, memory_key=key,
+                                       prescaled=prescaled and i == 0),
                            upper.parameter_list())
         if vec is not None and i < len(hops) - 1:
             # several processes: the next hop needs the global vector (its probe radius and

@@ -92,6 +92,9 @@ class Hop:
         self.update_jacobian: Callable[[], list[Tensor]] | None = None
         # the same P multiplied into a vector in place, one tensor at a time (no list of P)
         self.scale_by_update_jacobian: Callable[[list[Tensor]], Any] | None = None
+        # v arrives multiplied by that P already (the upper's backward formed it as each
+        # gradient arrived: betty.problems.update_jacobian.HeadScaling)
+        self.prescaled = False
         # where methods report diagnostics (key, 0-d tensor); None = diagnostics off, so a
         # method must not spend anything on them (betty.diagnostics)
         self.report: Callable[[str, Tensor], None] | None = None

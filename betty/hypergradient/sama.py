@@ -30,6 +30,9 @@ def sama(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     pv = OwnedVector(v) if owned else OwnedVector(t.clone() for t in v)
     if owned:
         v.clear()  # type: ignore[attr-defined]  # P v overwrites the chain's own vector
+    if hop.prescaled:  # the upper's backward formed P v as each gradient arrived
+        return central_difference(hop, pv, config.sama_adam_alpha,
+                                  restore=not config.sama_multitask)
     if hop.scale_by_update_jacobian is not None:
         hop.scale_by_update_jacobian(pv)  # one P tensor alive at a time
     else:

@@ -12,7 +12,7 @@ where the functional steps stopped. Parameters are matched by position: the flat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -87,6 +87,7 @@ class FunctionalOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.rule = find_rule(optimizer)
         self.optimizer = optimizer
+        self._group_of: dict[int, Group] | None = None  # by id of a parameter, when asked
 
     def __repr__(self) -> str:
         return f"FunctionalOptimizer({self.rule.name}, {self.size} parameters)"
@@ -144,13 +145,15 @@ class FunctionalOptimizer:
                     f"params[{index}] has shape {tuple(param.shape)} but the optimizer's "
                     f"parameter {index} has shape {tuple(own.shape)}."
                 )
-            stored = self.optimizer.state.get(own)
-            if stored:
-                state.append({k: _copy(v) if clone else v  # no copy for read-only use
-                              for k, v in stored.items() if v is not None})
-            else:
-                state.append(self.rule.init(param, group))
+            state.append(self._state_of(own, group, param, clone))
         return state
+
+    def _state_of(self, own: Tensor, group: Group, param: Tensor, clone: bool) -> State:
+        stored = self.optimizer.state.get(own)
+        if stored:
+            return {k: _copy(v) if clone else v  # no copy for read-only use
+                    for k, v in stored.items() if v is not None}
+        return self.rule.init(param, group)
 
     def step(
         self,
@@ -244,12 +247,33 @@ class FunctionalOptimizer:
         for what, values in (("params", params), ("grads", grads), ("vectors", vectors)):
             self._check(what, values)
         for index, _, group in self._groups():
-            grad = grads[index]
-            if grad is None:
-                vectors[index].zero_()
-                continue
-            for p, g, s, x in _chunks(params[index], grad, state[index], vectors[index]):
-                x.mul_(self.rule.diag(p, g, s, group))
+            self._scale(vectors[index], params[index], grads[index], state[index], group)
+
+    def scale_parameter_by_update_jacobian(self, param: Tensor, vector: Tensor,
+                                           grad: Tensor | None, *, out: Tensor | None = None
+                                           ) -> None:
+        """``vector *= P`` of one of the optimizer's own parameters, in place: for a caller
+        that gets its vectors one parameter at a time (SAMA inside the upper's backward).
+        The same bits as `scale_by_update_jacobian` gives that parameter's vector.
+        ``out``: write ``P vector`` there instead, ``vector`` unchanged; it may be ``grad``
+        itself, given up by the caller (each chunk's P is formed before it is overwritten).
+
+        Raises:
+            KeyError: ``param`` is not one of the optimizer's parameters.
+        """
+        if self._group_of is None:
+            self._group_of = {id(own): group for _, own, group in self._groups()}
+        group = self._group_of[id(param)]
+        self._scale(vector, param, grad, self._state_of(param, group, param, False), group,
+                    out)
+
+    def _scale(self, vector: Tensor, param: Tensor, grad: Tensor | None, state: State,
+               group: Group, out: Tensor | None = None) -> None:
+        if grad is None:
+            (vector if out is None else out).zero_()
+            return
+        for p, s, g, x, o in _chunks(param, state, grad, vector, vector if out is None else out):
+            torch.mul(x, self.rule.diag(p, g, s, group), out=o)
 
     def write_back(self, state: Sequence[State]) -> None:
         """Store ``state`` (detached clones) into ``optimizer.state`` for torch.optim to go on.
@@ -270,23 +294,22 @@ class FunctionalOptimizer:
 # elements of one parameter whose P is formed at a time: a rule's P takes several temporaries
 # the size of its input (Adam: about six), which for an embedding matrix would be several
 # parameter-sized tensors of the largest kind; P is elementwise, so chunks give the same bits
-DIAG_CHUNK = 1 << 18
+DIAG_CHUNK = 1 << 16
 
 
-def _chunks(p: Tensor, g: Tensor, state: State, x: Tensor
-            ) -> Iterator[tuple[Tensor, Tensor, State, Tensor]]:
-    """``(p, g, state, x)`` as views over at most `DIAG_CHUNK` elements at a time (whole if
-    small or not all contiguous)."""
+def _chunks(p: Tensor, state: State, *tensors: Tensor) -> Iterator[tuple[Any, ...]]:
+    """``(p, state, *tensors)`` (tensors shaped like ``p``) as views over at most
+    `DIAG_CHUNK` elements at a time (whole if small or not all contiguous)."""
     shaped = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
     if p.numel() <= DIAG_CHUNK or not all(
-            t.is_contiguous() for t in (p, g, x, *(state[k] for k in shaped))):
-        yield p, g, state, x
+            t.is_contiguous() for t in (p, *tensors, *(state[k] for k in shaped))):
+        yield (p, state, *tensors)
         return
-    flat = [t.view(-1) for t in (p, g, x)]
+    flat = [t.view(-1) for t in (p, *tensors)]
     for start in range(0, p.numel(), DIAG_CHUNK):
         part = slice(start, start + DIAG_CHUNK)
         chunk = {**state, **{k: state[k].view(-1)[part] for k in shaped}}
-        yield flat[0][part], flat[1][part], chunk, flat[2][part]
+        yield (flat[0][part], chunk, *(t[part] for t in flat[1:]))
 
 
 def _copy(value: object) -> object:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from betty.errors import HypergradientError, TrainingError
-from betty.hypergradient.chain import path_hypergradient
+from betty.hypergradient.chain import head_is_exclusive, path_hypergradient
 from betty.problems.bindings import unbound_windows
 
 Grads = list[Tensor | None]
@@ -84,8 +84,8 @@ class PathGradients:
         # reverse mode: the backward runs through the lowers' windows, whose module slots
         # must not be read meanwhile (betty.problems.bindings)
         with unbound_windows() if reverse else nullcontext():
-            direct, heads = self._direct_and_heads(loss, wrt, paths, create_graph,
-                                                   retain_graph)
+            direct, heads, prescaled = self._direct_and_heads(loss, wrt, paths, create_graph,
+                                                              retain_graph)
         if self.checks:
             guard.observe(owner.name, owner.count, "gradient", direct)
         if strategy.world_size > 1:  # several processes: one all-reduce for all heads
@@ -93,8 +93,8 @@ class PathGradients:
         if self.diagnostics is not None and owner.paths:  # EngineConfig.diagnostics
             self.diagnostics.record_norm(owner.name, "direct_norm", direct)
         total = direct
-        for path, head in zip(paths, heads):
-            hyper = path_hypergradient(path, head)
+        for path, head, scaled in zip(paths, heads, prescaled):
+            hyper = path_hypergradient(path, head, prescaled=scaled)
             if hyper is None:
                 continue
             reached = True
@@ -145,9 +145,11 @@ class PathGradients:
         )
 
     def _direct_and_heads(self, loss: Tensor, wrt: Sequence[Tensor], paths: list[list[Any]],
-                          create_graph: bool, retain: bool) -> tuple[Grads, list[Grads]]:
+                          create_graph: bool, retain: bool
+                          ) -> tuple[Grads, list[Grads], list[bool]]:
         """One backward for the direct gradient and every path's first vector (two when the
-        direct part must stay differentiable: the heads never need a graph)."""
+        direct part must stay differentiable: the heads never need a graph), and whether
+        each head came out multiplied by its sama lower's P already (`HeadScaling`)."""
         heads = [path[1].parameter_list() for path in paths]
         if create_graph:
             flat = [p for head in heads for p in head]
@@ -156,7 +158,7 @@ class PathGradients:
             head_grads = [[next(got) for _ in head] for head in heads]
             direct = list(torch.autograd.grad(loss, list(wrt), create_graph=True,
                                               allow_unused=True, materialize_grads=True))
-            return direct, head_grads
+            return direct, head_grads, [False] * len(heads)
         inputs: list[Tensor] = list(wrt)
         index: dict[int, int] = {id(p): i for i, p in enumerate(inputs)} if heads else {}
         for head in heads:
@@ -164,10 +166,21 @@ class PathGradients:
                 if id(p) not in index:
                     index[id(p)] = len(inputs)
                     inputs.append(p)
-        grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        scalings = [path[1].head_scaling(self.owner.name) if head_is_exclusive(path) else None
+                    for path in paths]
+        try:
+            for scaling, head in zip(scalings, heads):
+                if scaling is not None:
+                    scaling.attach(head)
+            grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        finally:
+            for scaling in scalings:
+                if scaling is not None:
+                    scaling.detach()
         direct = list(grads[: len(wrt)])
         self._check_used(direct)
-        return direct, [[grads[index[id(p)]] for p in head] for head in heads]
+        return (direct, [[grads[index[id(p)]] for p in head] for head in heads],
+                [s is not None for s in scalings])
 
     def _check_used(self, direct: Grads) -> None:
         if self.owner.config.allow_unused or all(g is not None for g in direct):

@@ -222,8 +222,7 @@ class IterativeProblem(Problem):
         _, total = self._local_step(grads, last=self.clock.last_micro_batch)
         if total is None:
             return loss_dict
-        if self._keeps_gradient:
-            self._last_grads = [None if g is None else g.detach() for g in total]
+        self._keep_stepped_gradient([None if g is None else g.detach() for g in total])
         if step_scheduler and not self.clock.will_roll_back() and self.scheduler is not None:
             self.scheduler.step()
         if self.clock.window_complete and self._window_is_module():

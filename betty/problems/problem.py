@@ -16,7 +16,7 @@ from torch import Tensor
 
 from betty.diagnostics import active_diagnostics
 from betty.distributed.strategy import strategy_of
-from betty.errors import ConfigError, ProblemDefinitionError
+from betty.errors import ConfigError, HypergradientError, ProblemDefinitionError
 from betty.guard import FiniteGuard
 from betty.hypergradient.hop import seed_from
 from betty.problems import setup
@@ -28,7 +28,12 @@ from betty.problems.hooks import BoundHooks, ProblemHooks, bind_hooks
 from betty.problems.pipeline import Clip, InPlaceUpdate, LocalStep
 from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
-from betty.problems.update_jacobian import reads_gradient, update_jacobian
+from betty.problems.update_jacobian import (
+    HeadScaling,
+    reads_gradient,
+    sole_reader,
+    update_jacobian,
+)
 
 if TYPE_CHECKING:
     from betty.engine import Engine
@@ -70,6 +75,8 @@ class Problem(ProblemBase):
         self._param_list: list[Tensor] | None = None
         self._param_cacheable = True
         self._last_grads: list[Tensor | None] | None = None  # sama's P reads them
+        self._sole_reader: str | None = None  # the upper that may consume them (sama)
+        self._consumed_by: str | None = None  # that upper did, since this problem's step
         self._keeps_gradient = self._retain_graph = self._replaying = False
         self._hop_memory: dict[str, dict[str, Any]] = {}  # per upper: a method's memory
         self._hop_base = 0
@@ -139,6 +146,8 @@ class Problem(ProblemBase):
                                      InPlaceUpdate(self, self._precision, context),
                                      allow=lambda: self._guard.allow_step(self._name))
         self._keeps_gradient = reads_gradient(self._config, self.optimizer)
+        self._sole_reader = sole_reader(self, list(getattr(engine, "problems", []))) \
+            if self._keeps_gradient else None
         self._retain_graph = self._config.retain_graph or setup.shares_a_window(self)
 
     def _make_clip(self) -> Clip:
@@ -252,8 +261,7 @@ class Problem(ProblemBase):
             params = self.parameter_list()
             if stepped and self.hooks.param_callback is not None:
                 self.hooks.param_callback(params)
-            if self._keeps_gradient:  # sama's P at the gradient actually stepped
-                self._last_grads = [p.grad for p in params]
+            self._keep_stepped_gradient([p.grad for p in params])
             for p in params:
                 p.grad = None
             if step_scheduler and not self.clock.will_roll_back() and self.scheduler:
@@ -295,9 +303,29 @@ class Problem(ProblemBase):
     def update_jacobian(self, into: list[Tensor] | None = None) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
         and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
+        if self._consumed_by is not None:
+            raise HypergradientError(
+                f"problem '{self._name}': the gradient its P reads was consumed by the "
+                f"hypergradient of '{self._consumed_by}' (which formed P v during its "
+                "backward); read update_jacobian() before that upper steps, or after this "
+                "problem's next step")
         grads = (self._last_grads or []) if self._keeps_gradient else None
         return update_jacobian(self._name, self.parameter_list(), self.optimizer, grads,
                                strategy_of(self), into=into)
+
+    def _keep_stepped_gradient(self, grads: list[Tensor | None]) -> None:
+        """sama's P is evaluated at the gradient actually stepped (if its rule reads it)."""
+        if self._keeps_gradient:
+            self._last_grads, self._consumed_by = grads, None
+
+    def head_scaling(self, reader: str) -> HeadScaling | None:
+        """SAMA's P for the backward of upper ``reader`` to apply as each gradient arrives,
+        handing the kept gradient over (`HeadScaling`); None: its hop scales afterwards."""
+        if (self._sole_reader != reader or self._last_grads is None
+                or strategy_of(self).world_size != 1):
+            return None
+        kept, self._last_grads, self._consumed_by = self._last_grads, None, reader
+        return HeadScaling(self._name, self.parameter_list(), self.optimizer, kept)
 
     def _log(self, loss_dict: dict[str, Any], global_step: int | None) -> None:
         log_step = self._config.log_step

@@ -68,3 +68,69 @@ def _scale_in_place(owner: str, params: Sequence[Tensor], optimizer: Any, own: l
     except TypeError as err:
         raise HypergradientError(f"problem '{owner}' (Config.type='sama'): {err}") from None
     return into
+
+
+class HeadScaling:
+    """``P v`` formed inside the reading upper's backward, one parameter as its ``v`` arrives.
+
+    SAMA's hop scales the head vector ``v = dL_U/dw`` by ``P`` first thing. Formed after the
+    backward, ``v`` and the kept gradient ``g`` that ``P`` reads are both whole at once: one
+    parameter-sized vector above darts on an Adam-type lower. Here each parameter's ``v`` is
+    scaled by a tensor hook when autograd produces it, and that parameter's ``g`` is dropped
+    at once; the product has the same bits. The lower hands its kept gradient over only to its
+    one reader (`sole_reader`), once per step of its own.
+    """
+
+    def __init__(self, owner: str, params: Sequence[Tensor], optimizer: Any,
+                 kept: Sequence[Tensor | None]) -> None:
+        from betty.optim import functional_optimizer
+
+        try:
+            self._optimizer = functional_optimizer(optimizer)
+        except TypeError as err:
+            raise HypergradientError(f"problem '{owner}' (Config.type='sama'): {err}") from None
+        stepped = {id(p) for p in self._optimizer.params}
+        # a parameter the optimizer does not step gets P = 0; one it did not step with a
+        # gradient gets P at g = 0, as in `update_jacobian`
+        self._kept: dict[int, Tensor | None] = {
+            id(p): (g if g is not None else torch.zeros_like(p)) if id(p) in stepped else None
+            for p, g in zip(params, kept)}
+        self._handles: list[Any] = []
+
+    def attach(self, head: Sequence[Tensor]) -> None:
+        """Scale the gradients autograd computes for ``head`` (the lower's parameters)."""
+        self._handles.extend(p.register_hook(self._hook(p)) for p in head)
+
+    def _hook(self, param: Tensor) -> Any:
+        def scale(grad: Tensor) -> Tensor:
+            g = self._kept.pop(id(param), None)
+            if g is None:
+                return torch.zeros_like(param, memory_format=torch.contiguous_format)
+            # P v is written over g, which nothing reads after it (a hook must not write
+            # into its argument: autograd may hand one tensor to several inputs)
+            out = g if g.is_contiguous() and (g.shape, g.dtype) == (grad.shape, grad.dtype) else \
+                torch.empty_like(param, memory_format=torch.contiguous_format)
+            self._optimizer.scale_parameter_by_update_jacobian(param, grad, g, out=out)
+            return out
+        return scale
+
+    def detach(self) -> None:
+        """After the backward: remove the hooks, drop the gradients no ``v`` reached."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._kept.clear()
+
+
+def sole_reader(problem: Any, problems: Sequence[Any]) -> str | None:
+    """The upper whose hypergradient is the only reader of this sama problem's P, at the
+    first hop of its one path through it (the head); None if there is no such upper. Every
+    local step of that upper follows a window of this problem (`betty.schedule`), so it may
+    consume the kept gradient."""
+    if problem.config.type != "sama":
+        return None
+    reads = [(u, i) for u in problems if u.config.first_order for path in u.paths
+             for i, q in enumerate(path[1:-1], 1) if q is problem]
+    if len(reads) != 1 or reads[0][1] != 1:
+        return None
+    return reads[0][0].name
