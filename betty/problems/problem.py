@@ -302,7 +302,12 @@ class Problem(ProblemBase):
 
     def update_jacobian(self, into: list[Tensor] | None = None) -> list[Tensor]:
         """Diagonal ``P = du/dg`` of this problem's optimizer update at its current state
-        and latest gradient, one tensor per trainable parameter (0 where not optimized)."""
+        and latest gradient, one tensor per trainable parameter (0 where not optimized).
+
+        Raises:
+            HypergradientError: the upper that is this problem's only reader consumed that
+                gradient in its backward (`head_scaling`), and this problem has not stepped
+                since."""
         if self._consumed_by is not None:
             raise HypergradientError(
                 f"problem '{self._name}': the gradient its P reads was consumed by the "
