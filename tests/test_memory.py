@@ -7,7 +7,7 @@ creates. ``torch.profiler`` records every allocation and free of the CPU allocat
 sum over the hop is exact and does not depend on the machine. Each bound is the method's
 floor from benchmarks/README.md plus PyTorch's double-backward temporaries, with a margin below
 the next whole vector, so a reintroduced copy (a clone of the parameters, a kept ``dL/dw``, a
-solution vector) fails it. Measured: darts 0.03, neumann 2.97, cg 3.97; before the probes and
+solution vector) fails it. Measured: darts 0.03, neumann 2.97, cg 3.97, f2sa 2.01; before the probes and
 solvers worked in place (commit cb64345): 2.0, 6.97, 9.97.
 
 The direction ``v`` is handed over as an `OwnedVector`, as the chain does: the methods may use
@@ -69,6 +69,9 @@ CASES = {
     "neumann": (Config(type="neumann", neumann_iterations=3, neumann_alpha=0.1), 3.5),
     # CG: direction (the residual takes v's storage) and the product's 3 temporaries
     "cg": (Config(type="cg", cg_iterations=3), 4.5),
+    # F2SA: the penalized copy y and one gradient; u / lambda - dg/dw(z) takes v's storage
+    # (measured 2.01; 3.01 when v was copied)
+    "f2sa": (Config(type="f2sa", f2sa_steps=3), 2.5),
 }
 
 

@@ -28,7 +28,8 @@ and the hop tends to ``-M H^-1 v`` (the implicit hypergradient) with an error O(
   O(1/lambda) term comes from ``g``'s third derivatives.
 
 Cost per outer step: ``f2sa_steps + 3`` first-order backward passes of the lower loss;
-memory: ``y``, ``dg/dw(z)`` and one gradient (three parameter-sized vectors).
+memory: ``y``, ``u / lambda - dg/dw(z)`` (in the storage of the chain's ``v``) and one
+gradient (three parameter-sized vectors).
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ import torch
 from torch import Tensor
 
 from betty.configs import Config
-from betty.hypergradient.hop import Hop, OptionalVector
+from betty.hypergradient.hop import Hop, OptionalVector, OwnedVector
 from betty.linalg import unit_
 
 MEMORY_SHIFT, MEMORY_STEP = "f2sa_shift", "f2sa_step"
 
 
 def _previous_shift(hop: Hop) -> list[Tensor] | None:
+    """The kept ``y - z``, taken out of the hop memory (the hop adds ``z`` to it in place and
+    puts back the new shift at its end; a hop that fails restarts the next one at 0)."""
     memory = getattr(hop, "memory", None)
-    stored = None if memory is None else memory.get(MEMORY_SHIFT)
+    stored = None if memory is None else memory.pop(MEMORY_SHIFT, None)
     if stored is None or len(stored) != len(hop.w) or any(
             s.shape != w.shape or s.dtype != w.dtype or s.device != w.device
             for s, w in zip(stored, hop.w)):
@@ -64,18 +67,22 @@ def f2sa(hop: Hop, v: Sequence[Tensor], config: Config) -> OptionalVector:
     assert at_z_w is not None and at_z is not None
     with torch.no_grad():
         # solved at unit scale (an fp16 loss scale on v would push y out of the region
-        # where g is near quadratic), then scaled back: v / lambda becomes u / lambda
-        direction = [t.detach().clone() for t in v]
-        scale = unit_(direction)
+        # where g is near quadratic), then scaled back: v / lambda becomes u / lambda.
+        # The chain's own v is used in place (`OwnedVector`): one parameter-sized copy less
+        owned = isinstance(v, OwnedVector)
+        offset = list(v) if owned else [t.detach().clone() for t in v]
+        if owned:
+            v.clear()  # type: ignore[attr-defined]
+        scale = unit_(offset)
         # u / lambda - dg/dw(z): what each step adds to dg/dw(y)
-        torch._foreach_div_(direction, lam)
-        offset = torch._foreach_sub(direction, at_z_w)
-        del direction
+        torch._foreach_div_(offset, lam)
+        torch._foreach_sub_(offset, at_z_w)
         del at_z_w
-        penalized = [w.detach().clone() for w in hop.w]
-        shift = _previous_shift(hop)
-        if shift is not None:
-            torch._foreach_add_(penalized, shift)
+        penalized = _previous_shift(hop)  # y starts at z + the kept shift, in its storage
+        if penalized is None:
+            penalized = [w.detach().clone() for w in hop.w]
+        else:
+            torch._foreach_add_(penalized, [w.detach() for w in hop.w])
     lr = config.f2sa_lr
     for _ in range(config.f2sa_steps):
         grad_y, _ = hop.grads_at(penalized, upper=False)
