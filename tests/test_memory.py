@@ -7,8 +7,9 @@ creates. ``torch.profiler`` records every allocation and free of the CPU allocat
 sum over the hop is exact and does not depend on the machine. Each bound is the method's
 floor from benchmarks/README.md plus PyTorch's double-backward temporaries, with a margin below
 the next whole vector, so a reintroduced copy (a clone of the parameters, a kept ``dL/dw``, a
-solution vector) fails it. Measured: darts 0.03, neumann 2.97, cg 3.97, f2sa 2.01; before the probes and
-solvers worked in place (commit cb64345): 2.0, 6.97, 9.97.
+solution vector) fails it. Measured: darts 0.03, neumann 2.97, cg 3.97, f2sa 2.01; before
+the probes and solvers worked in place (commit cb64345): 2.0, 6.97, 9.97 (f2sa: 3.01 before
+it used v's storage).
 
 The direction ``v`` is handed over as an `OwnedVector`, as the chain does: the methods may use
 its storage.
