@@ -74,20 +74,21 @@ class Logits(nn.Module):
         self.logits = nn.Parameter(torch.linspace(-1, 1, n, dtype=torch.float64))
 
 
-def run(make_optimizer, *, steps: int = 4, kind: str = "sama", module=None):
+def run(make_optimizer, *, steps: int = 4, lower_config=None, upper_config=None,
+        engine_config=None):
     gen = torch.Generator().manual_seed(1)
     train = [(torch.randn(8, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
     valid = [(torch.randn(5, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
-    net = Tied() if module is None else module
+    net = Tied()
     stepped = [p for n, p in net.named_parameters() if n != "scale"]
-    lower = Lower("lower", Config(type=kind), module=net, optimizer=make_optimizer(stepped),
-                  train_data_loader=train)
+    lower = Lower("lower", Config(type="sama", **(lower_config or {})), module=net,
+                  optimizer=make_optimizer(stepped), train_data_loader=train)
     logits = Logits(8)
-    upper = Upper("upper", Config(), module=logits,
+    upper = Upper("upper", Config(**(upper_config or {})), module=logits,
                   optimizer=torch.optim.SGD(logits.parameters(), lr=0.5),
                   train_data_loader=valid)
     upper.seen = []
-    engine = Engine([upper, lower], EngineConfig(train_iters=steps),
+    engine = Engine([upper, lower], EngineConfig(train_iters=steps, **(engine_config or {})),
                     {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
     engine.run()
     return engine, lower, upper
@@ -109,6 +110,33 @@ def test_fused_scaling_gives_the_same_bits_as_scaling_afterwards(name, monkeypat
     for mine, theirs in zip(fused.seen, after.seen):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
     assert float(fused.seen[-1][0].abs().sum()) > 0
+
+
+SCHEDULES = {
+    "upper-accumulates": ({}, {"gradient_accumulation": 2}, {}),
+    "unroll-3": ({"unroll_steps": 3}, {}, {}),
+    "lower-accumulates": ({"gradient_accumulation": 2}, {}, {}),
+    "roll-back": ({}, {}, {"roll_back": True}),
+    "warm-up": ({"warmup_steps": 2}, {}, {}),
+    "all": ({"unroll_steps": 2}, {"gradient_accumulation": 2}, {"roll_back": True}),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
+    """Each local step of the upper follows a window of the lower (`betty.schedule`), so the
+    gradient it consumes is always the lower's latest: the same bits as scaling afterwards,
+    and never the consumed-gradient error."""
+    lower_config, upper_config, engine_config = SCHEDULES[schedule]
+    runs = []
+    for decline in (False, True):
+        if decline:
+            monkeypatch.setattr(Problem, "head_scaling", lambda self, reader: None)
+        runs.append(run(OPTIMIZERS["adamw"], steps=12, lower_config=lower_config,
+                        upper_config=upper_config, engine_config=engine_config)[2].seen)
+    assert len(runs[0]) == len(runs[1]) > 0
+    for mine, theirs in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
 
 def test_the_consumed_gradient_is_not_read_again():
