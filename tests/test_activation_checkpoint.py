@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from live_bytes import peak_live_bytes
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -228,20 +229,10 @@ def test_recorded_bindings_cost_no_tensor_memory(monkeypatch):
     17M-parameter MWN of the cost table)."""
     import contextlib
 
-    from torch.profiler import ProfilerActivity, profile
-
     import betty.problems.problem as problem_module
 
     def peak() -> int:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run("reverse", use_checkpoint=False)
-        events = sorted((e for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]"), key=lambda e: e.start_ns())
-        live = top = 0
-        for event in events:
-            live += event.nbytes()
-            top = max(top, live)
-        return top
+        return peak_live_bytes(lambda: run("reverse", use_checkpoint=False))[0]
 
     peak()  # first-run allocations
     real, seen = problem_module.recording_bindings, {"hooks": [], "none": []}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from live_bytes import peak_live_bytes
 
 from betty.configs import Config
 from betty.hypergradient import METHODS, Hop
@@ -49,16 +49,13 @@ def peak_vectors(method: str, config: Config) -> float:
     gen = torch.Generator().manual_seed(1)
     v = OwnedVector(torch.randn(p.shape, generator=gen) for p in w)
     hop = Hop(w, [lam], loss)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def one_hop():
         with hop:
-            out = METHODS[method](hop, v, config)
+            return METHODS[method](hop, v, config)
+
+    peak, out = peak_live_bytes(one_hop)
     assert all(t is not None and torch.isfinite(t).all() for t in out)
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live, peak = 0, 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
     return peak / sum(p.numel() * p.element_size() for p in w)
 
 

@@ -11,12 +11,10 @@ whole at once).
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
+from live_bytes import peak_live_bytes
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import betty.optim.reader as reader
 from betty import Engine
@@ -223,19 +221,7 @@ def peak_above_start(kind: str) -> float:
                       train_data_loader=data)
     engine = Engine([upper, lower], EngineConfig(train_iters=3),
                     {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
-    gc.collect()  # earlier tests' garbage freed inside the profile would count negative
-    gc.disable()
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            engine.run()
-    finally:
-        gc.enable()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
+    peak, _ = peak_live_bytes(engine.run)
     engine.close()
     return peak / sum(p.numel() * p.element_size() for p in net.parameters())
 
