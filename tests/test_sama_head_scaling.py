@@ -20,7 +20,7 @@ import betty.optim.reader as reader
 from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.errors import HypergradientError
-from betty.problems import ImplicitProblem
+from betty.problems import ImplicitProblem, IterativeProblem
 from betty.problems.problem import Problem
 from betty.problems.update_jacobian import HeadScaling
 
@@ -72,15 +72,20 @@ class Logits(nn.Module):
         self.logits = nn.Parameter(torch.linspace(-1, 1, n, dtype=torch.float64))
 
 
+class UnrolledLower(IterativeProblem):
+    training_step = Lower.training_step
+    trainable_parameters = Lower.trainable_parameters
+
+
 def run(make_optimizer, *, steps: int = 4, lower_config=None, upper_config=None,
-        engine_config=None):
+        engine_config=None, lower_class=Lower):
     gen = torch.Generator().manual_seed(1)
     train = [(torch.randn(8, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
     valid = [(torch.randn(5, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
     net = Tied()
     stepped = [p for n, p in net.named_parameters() if n != "scale"]
-    lower = Lower("lower", Config(type="sama", **(lower_config or {})), module=net,
-                  optimizer=make_optimizer(stepped), train_data_loader=train)
+    lower = lower_class("lower", Config(type="sama", **(lower_config or {})), module=net,
+                        optimizer=make_optimizer(stepped), train_data_loader=train)
     logits = Logits(8)
     upper = Upper("upper", Config(**(upper_config or {})), module=logits,
                   optimizer=torch.optim.SGD(logits.parameters(), lr=0.5),
@@ -117,6 +122,7 @@ SCHEDULES = {
     "roll-back": ({}, {}, {"roll_back": True}),
     "warm-up": ({"warmup_steps": 2}, {}, {}),
     "all": ({"unroll_steps": 2}, {"gradient_accumulation": 2}, {"roll_back": True}),
+    "iterative-lower": ({"unroll_steps": 2}, {}, {}),
 }
 
 
@@ -131,7 +137,9 @@ def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
         if decline:
             monkeypatch.setattr(Problem, "head_scaling", lambda self, reader: None)
         runs.append(run(OPTIMIZERS["adamw"], steps=12, lower_config=lower_config,
-                        upper_config=upper_config, engine_config=engine_config)[2].seen)
+                        upper_config=upper_config, engine_config=engine_config,
+                        lower_class=UnrolledLower if schedule == "iterative-lower" else Lower
+                        )[2].seen)
     assert len(runs[0]) == len(runs[1]) > 0
     for mine, theirs in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
