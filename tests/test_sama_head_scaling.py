@@ -132,6 +132,10 @@ def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
     gradient it consumes is always the lower's latest: the same bits as scaling afterwards,
     and never the consumed-gradient error."""
     lower_config, upper_config, engine_config = SCHEDULES[schedule]
+    attached = []
+    original_attach = HeadScaling.attach
+    monkeypatch.setattr(HeadScaling, "attach",
+                        lambda self, head: (attached.append(1), original_attach(self, head))[1])
     runs = []
     for decline in (False, True):
         if decline:
@@ -140,7 +144,7 @@ def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
                         upper_config=upper_config, engine_config=engine_config,
                         lower_class=UnrolledLower if schedule == "iterative-lower" else Lower
                         )[2].seen)
-    assert len(runs[0]) == len(runs[1]) > 0
+    assert len(runs[0]) == len(runs[1]) == len(attached) > 0  # fused at every upper step
     for mine, theirs in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
