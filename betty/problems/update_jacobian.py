@@ -78,7 +78,9 @@ class HeadScaling:
     parameter-sized vector above darts on an Adam-type lower. Here each parameter's ``v`` is
     scaled by a tensor hook when autograd produces it, and that parameter's ``g`` is dropped
     at once; the product has the same bits. The lower hands its kept gradient over only to its
-    one reader (`sole_reader`), once per step of its own.
+    one reader (`sole_reader`), once per step of its own. (A lower's ``grad_callback`` that
+    keeps the gradients it is given must clone them, as the in-place clip and unscale already
+    require.)
     """
 
     def __init__(self, owner: str, params: Sequence[Tensor], optimizer: Any,
