@@ -59,7 +59,9 @@ class ProblemHooks:
         fp16 scaler), before they are accumulated, unscaled and clipped. Editing them in
         place edits what the optimizer steps with. For an `IterativeProblem` they are the
         gradients at the window's functional parameters; for a `TaskBatchedProblem` they
-        are stacked ``[T, ...]`` per task."""
+        are stacked ``[T, ...]`` per task. To keep them, clone them: betty goes on using
+        these tensors (unscaling and clipping in place; sama's upper writes ``P v`` into a
+        lower's stepped gradient)."""
 
     def custom_optimizer_step(self) -> None:
         """Replace the optimizer step. Only called when a subclass overrides it; it then runs
