@@ -78,15 +78,15 @@ class UnrolledLower(IterativeProblem):
 
 
 def run(make_optimizer, *, steps: int = 4, lower_config=None, upper_config=None,
-        engine_config=None, lower_class=Lower):
+        engine_config=None, lower_class=Lower, dtype=torch.float64):
     gen = torch.Generator().manual_seed(1)
-    train = [(torch.randn(8, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
-    valid = [(torch.randn(5, 12, generator=gen, dtype=torch.float64),) for _ in range(steps)]
-    net = Tied()
+    train = [(torch.randn(8, 12, generator=gen, dtype=dtype),) for _ in range(steps)]
+    valid = [(torch.randn(5, 12, generator=gen, dtype=dtype),) for _ in range(steps)]
+    net = Tied().to(dtype)
     stepped = [p for n, p in net.named_parameters() if n != "scale"]
     lower = lower_class("lower", Config(type="sama", **(lower_config or {})), module=net,
                         optimizer=make_optimizer(stepped), train_data_loader=train)
-    logits = Logits(8)
+    logits = Logits(8).to(dtype)
     upper = Upper("upper", Config(**(upper_config or {})), module=logits,
                   optimizer=torch.optim.SGD(logits.parameters(), lr=0.5),
                   train_data_loader=valid)
@@ -97,14 +97,20 @@ def run(make_optimizer, *, steps: int = 4, lower_config=None, upper_config=None,
     return engine, lower, upper
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_fused_scaling_gives_the_same_bits_as_scaling_afterwards(name, monkeypatch):
-    monkeypatch.setattr(reader, "DIAG_CHUNK", 64)  # the 240-element matrix goes in chunks
-    attached = []
+@pytest.fixture
+def attached(monkeypatch):
+    """The head sizes of every fused backward (`HeadScaling.attach` calls)."""
+    seen = []
     original_attach = HeadScaling.attach
     monkeypatch.setattr(HeadScaling, "attach",
-                        lambda self, head: (attached.append(len(head)),
+                        lambda self, head: (seen.append(len(head)),
                                             original_attach(self, head))[1])
+    return seen
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_scaling_gives_the_same_bits_as_scaling_afterwards(name, attached, monkeypatch):
+    monkeypatch.setattr(reader, "DIAG_CHUNK", 64)  # the 240-element matrix goes in chunks
     _, _, fused = run(OPTIMIZERS[name])
     assert attached == [3] * 4  # every upper step formed P v in its backward
     monkeypatch.setattr(Problem, "head_scaling", lambda self, reader: None)
@@ -127,15 +133,11 @@ SCHEDULES = {
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
+def test_every_schedule_reads_a_fresh_gradient(schedule, attached, monkeypatch):
     """Each local step of the upper follows a window of the lower (`betty.schedule`), so the
     gradient it consumes is always the lower's latest: the same bits as scaling afterwards,
     and never the consumed-gradient error."""
     lower_config, upper_config, engine_config = SCHEDULES[schedule]
-    attached = []
-    original_attach = HeadScaling.attach
-    monkeypatch.setattr(HeadScaling, "attach",
-                        lambda self, head: (attached.append(1), original_attach(self, head))[1])
     runs = []
     for decline in (False, True):
         if decline:
@@ -145,6 +147,22 @@ def test_every_schedule_reads_a_fresh_gradient(schedule, monkeypatch):
                         lower_class=UnrolledLower if schedule == "iterative-lower" else Lower
                         )[2].seen)
     assert len(runs[0]) == len(runs[1]) == len(attached) > 0  # fused at every upper step
+    for mine, theirs in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+@pytest.mark.parametrize("lower,upper", [("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"),
+                                         ("fp16", "fp32")])
+def test_mixed_precision_gives_the_same_bits(lower, upper, attached, monkeypatch):
+    """An fp16 upper's heads carry its loss scale, an fp16 lower's kept gradient is unscaled:
+    P v formed in the backward has the bits of P v formed afterwards (float32 modules)."""
+    runs = []
+    for decline in (False, True):
+        if decline:
+            monkeypatch.setattr(Problem, "head_scaling", lambda self, reader: None)
+        runs.append(run(OPTIMIZERS["adamw"], steps=6, lower_config={"precision": lower},
+                        upper_config={"precision": upper}, dtype=torch.float32)[2].seen)
+    assert len(runs[0]) == len(runs[1]) == len(attached) == 6  # fused at every upper step
     for mine, theirs in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
