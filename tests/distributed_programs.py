@@ -29,6 +29,7 @@ from betty import Engine
 from betty.configs import Config, EngineConfig
 from betty.hypergradient import score_function_loss
 from betty.problems import ImplicitProblem, IterativeProblem, TaskBatchedProblem
+from betty.problems.update_jacobian import HeadScaling
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -283,6 +284,17 @@ def mixed(method: str, precision: str, strategy: str, batch: int) -> Engine:
 def trained_engine(engine: Engine) -> Engine:
     engine.run()
     return engine
+
+
+def trained_counting_fused(engine: Engine) -> tuple[Engine, int]:
+    """Train, counting the upper backwards that formed sama's ``P v`` as each gradient
+    arrived (`HeadScaling`: where each rank holds the lower optimizer's whole state)."""
+    fused, attach = [], HeadScaling.attach
+    HeadScaling.attach = lambda self, head: (fused.append(1), attach(self, head))[1]
+    try:
+        return trained_engine(engine), len(fused)
+    finally:
+        HeadScaling.attach = attach
 
 
 def trained(engine: Engine) -> dict[str, Any]:

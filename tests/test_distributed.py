@@ -54,6 +54,7 @@ from distributed_programs import (
     maml_results,
     parameters,
     reference,
+    trained_counting_fused,
     trained_engine,
 )
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
@@ -98,8 +99,8 @@ def scenarios(folder: Path) -> list[tuple[str, Any]]:
 
 
 def _trained(strategy: str, method: str) -> dict[str, Any]:
-    engine = trained_engine(build(method, strategy, LOCAL_BATCH))
-    return {**parameters(engine), "local_sizes": local_sizes(engine)}
+    engine, fused = trained_counting_fused(build(method, strategy, LOCAL_BATCH))
+    return {**parameters(engine), "local_sizes": local_sizes(engine), "fused": fused}
 
 
 def _save_half(strategy: str, method: str, folder: Path) -> dict[str, Any]:
@@ -188,6 +189,8 @@ def test_two_ranks_equal_one_process_on_union_batch(launched: Path, strategy: st
     moved = {n: (ranks[0][n] - start[n]).abs().max().item() for n in start}
     assert all(m > 1e-3 for m in moved.values()), f"a level did not train: {moved}"
     assert_close(ranks[0], reference(method), f"{strategy}/{method}")
+    if method == "sama":  # P v formed in the backward where each rank holds the whole state
+        assert (ranks[0]["fused"] > 0) == (strategy == "distributed"), ranks[0]["fused"]
 
 
 @pytest.mark.parametrize("strategy", ["distributed", "zero"])

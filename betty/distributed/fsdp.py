@@ -77,6 +77,7 @@ class FullyShard(DataParallel):
     """FSDP2 over a torchrun process group (``EngineConfig.strategy='fsdp'``)."""
 
     name = "fsdp"
+    whole_optimizer_state = False  # parameters and optimizer state are sharded
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

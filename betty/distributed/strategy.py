@@ -41,9 +41,12 @@ class Strategy:
         name: the ``EngineConfig.strategy`` this implements.
         rank, world_size, local_rank: this process's place in the process group.
         device: the device this process trains on.
+        whole_optimizer_state: every rank holds its optimizers' whole state and parameters,
+            so SAMA's P is formed locally, one parameter at a time (not under ZeRO or FSDP).
     """
 
     name = "default"
+    whole_optimizer_state = True
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device if device is not None else torch.device("cpu")

@@ -40,6 +40,7 @@ class Zero(DataParallel):
     """ZeRO stage 1 over a torchrun process group (``EngineConfig.strategy='zero'``)."""
 
     name = "zero"
+    whole_optimizer_state = False  # each rank steps its shard of the optimizer state
 
     def setup(self, engine: Engine) -> None:
         if engine.config.roll_back:

@@ -30,6 +30,7 @@ from betty.problems.precision import Precision
 from betty.problems.rollback import RollBack
 from betty.problems.update_jacobian import (
     HeadScaling,
+    forms_p_locally,
     reads_gradient,
     sole_reader,
     update_jacobian,
@@ -327,7 +328,7 @@ class Problem(ProblemBase):
         """SAMA's P for the backward of upper ``reader`` to apply as each gradient arrives,
         handing the kept gradient over (`HeadScaling`); None: its hop scales afterwards."""
         if (self._sole_reader != reader or self._last_grads is None
-                or strategy_of(self).world_size != 1):
+                or not forms_p_locally(strategy_of(self))):
             return None
         kept, self._last_grads, self._consumed_by = self._last_grads, None, reader
         return HeadScaling(self._name, self.parameter_list(), self.optimizer, kept)

@@ -22,12 +22,18 @@ def reads_gradient(config: Any, optimizer: Any) -> bool:
     return config.type == "sama" and not isinstance(optimizer, torch.optim.SGD)
 
 
+def forms_p_locally(strategy: Any) -> bool:
+    """Whether this rank can form P from its own optimizer, one parameter at a time."""
+    return strategy.world_size == 1 or strategy.whole_optimizer_state
+
+
 def update_jacobian(owner: str, params: Sequence[Tensor], optimizer: Any,
                     last_grads: Sequence[Tensor | None] | None, strategy: Any,
                     into: list[Tensor] | None = None) -> list[Tensor]:
     """Diagonal ``P`` per parameter of ``params`` (0 where the optimizer does not step it).
     With ``into`` (vectors aligned with ``params``): those are multiplied by ``P`` in place
-    and returned; on one process one parameter's ``P`` at a time (no list of ``P``)."""
+    and returned, one parameter's ``P`` at a time (no list of ``P``) where the strategy holds
+    the optimizer's whole state on each rank."""
     if optimizer is None:
         return [torch.zeros_like(p) for p in params] if into is None else \
             [x.zero_() for x in into]
@@ -38,7 +44,7 @@ def update_jacobian(owner: str, params: Sequence[Tensor], optimizer: Any,
     else:  # SGD's P does not read the gradient: pass the parameters, allocate nothing
         grads = list(own)
     if into is not None:
-        if strategy.world_size == 1:
+        if forms_p_locally(strategy):
             return _scale_in_place(owner, params, optimizer, own, grads, into)
         torch._foreach_mul_(into, update_jacobian(owner, params, optimizer, last_grads,
                                                   strategy))
